@@ -1,0 +1,224 @@
+"""The ``apicv`` command line: demo, run, state decode/diff (and, with the KVM backend,
+crosscheck and fuzz). Every error a user can cause is printed as one readable line and a
+non-zero exit status, never as a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+
+from . import uapi as U
+from .errors import ApicvError
+from .state import LapicState, diff, vectors_of
+
+
+# ---------------------------------------------------------------- output helpers
+class Out:
+    """Tables and text through rich when it is installed, plain text otherwise."""
+
+    def __init__(self, plain: bool = False) -> None:
+        self.console = None
+        if not plain:
+            try:
+                from rich.console import Console
+
+                self.console = Console(highlight=False)
+            except ImportError:
+                pass
+
+    def print(self, text: str = "", style: str | None = None) -> None:
+        if self.console is not None:
+            self.console.print(text, style=style, markup=False)
+        else:
+            print(text)
+
+    def rule(self, title: str) -> None:
+        if self.console is not None:
+            self.console.rule(title)
+        else:
+            print(f"--- {title} ---")
+
+    def table(self, headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+        if self.console is not None:
+            from rich.table import Table
+
+            t = Table(title=title, show_lines=False)
+            for h in headers:
+                t.add_column(h)
+            for r in rows:
+                t.add_row(*r)
+            self.console.print(t)
+            return
+        if title:
+            print(title)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+                  for i, h in enumerate(headers)]
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+        print("  ".join("-" * w for w in widths))
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def _vec_list(v: int) -> str:
+    vs = vectors_of(v)
+    return " ".join(f"{x:#04x}" for x in vs) if vs else "-"
+
+
+def vcpu_table(vm) -> tuple[list[str], list[list[str]]]:
+    """The per-vCPU summary of a VM (either backend): mode, ID, TPR/PPR, IRR/ISR, mp_state."""
+    headers = ["vCPU", "mode", "APIC ID", "TPR", "PPR", "IRR", "ISR", "mp_state"]
+    rows = []
+    for cpu in vm.vcpus:
+        base = cpu.get_msr(0x1B)
+        mode = ("disabled" if not base & (1 << 11)
+                else "x2APIC" if base & (1 << 10) else "xAPIC")
+        s = LapicState(cpu.get_lapic())
+        apic_id = s["ID"]
+        rows.append([
+            str(cpu.vcpu_id), mode + (" BSP" if base & (1 << 8) else ""),
+            f"{apic_id >> 24 if mode != 'x2APIC' or apic_id >> 24 else apic_id:#x}",
+            f"{s['TPR']:#04x}", f"{s['PPR']:#04x}", _vec_list(s.irr), _vec_list(s.isr),
+            U.MP_STATE_NAMES.get(cpu.get_mp_state(), "?"),
+        ])
+    return headers, rows
+
+
+# ---------------------------------------------------------------- commands
+def _run_scenario(sc, out: Out, backend: str, trace: bool, trace_out: str | None,
+                  quiet: bool = False) -> int:
+    from .scenario import Runner
+
+    vm = sc.make_vm(backend=backend)
+    try:
+        tracer = vm.enable_tracing() if (trace or trace_out) else None
+        runner = Runner(sc, vm)
+        failures = 0
+        rows = []
+        for o in runner.run():
+            status = "ok" if o.failure is None else "FAIL"
+            if o.failure:
+                failures += 1
+            if not quiet:
+                who = f"vcpu {o.step.args['vcpu']}" if "vcpu" in o.step.args else "vm"
+                rows.append([str(o.step.index), who, o.step.describe(), o.result_text(), status,
+                             o.failure or o.step.note])
+        if not quiet:
+            out.table(["#", "on", "call", "result", "", "note"], rows,
+                      title=f"{sc.file} ({backend})")
+        if tracer is not None and trace:
+            out.rule("trace (tracepoint format, virtual time)")
+            for line in tracer.lines():
+                out.print(line)
+        if tracer is not None and trace_out:
+            tracer.write_chrome_trace(trace_out, [v.vcpu_id for v in vm.vcpus])
+            out.print(f"wrote {trace_out} (Chrome trace-event JSON; open it in ui.perfetto.dev)")
+        headers, table_rows = vcpu_table(vm)
+        out.table(headers, table_rows, title="final state")
+        if failures:
+            out.print(f"{failures} step(s) failed", style="bold red")
+            return 1
+        out.print(f"{len(sc.steps)} steps, all as expected", style="green")
+        return 0
+    finally:
+        vm.close()
+
+
+def cmd_demo(args, out: Out) -> int:
+    from .scenario import parse
+
+    text = resources.files("apicv").joinpath("data/demo.toml").read_text()
+    sc = parse(text, "demo.toml")
+    out.print(sc.description)
+    return _run_scenario(sc, out, args.backend, trace=True, trace_out=args.trace_out)
+
+
+def cmd_run(args, out: Out) -> int:
+    from .scenario import load
+
+    status = 0
+    for path in args.files:
+        sc = load(path)
+        status |= _run_scenario(sc, out, args.backend, trace=args.trace, trace_out=args.trace_out)
+    return status
+
+
+def cmd_state_decode(args, out: Out) -> int:
+    s = LapicState.load(args.file)
+    rows = [[f"{d.reg.offset:#05x}", d.reg.short, d.value_text(), d.fields_text()]
+            for d in s.decode()]
+    out.table(["offset", "register", "value", "fields"], rows, title=args.file)
+    res = s.reserved_bytes()
+    if res:
+        out.print("nonzero bytes outside the register dwords: "
+                  + ", ".join(f"{o:#05x}={b:#04x}" for o, b in res))
+    return 0
+
+
+def cmd_state_diff(args, out: Out) -> int:
+    a = LapicState.load(args.a)
+    b = LapicState.load(args.b)
+    d = diff(a, b)
+    if not d:
+        out.print("identical")
+        return 0
+    out.table(["register", "A", "B", "what changed"], [[x.name, x.a, x.b, x.detail] for x in d],
+              title=f"A = {args.a}, B = {args.b}")
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apicv", description="KVM local-APIC model: "
+                                "run scenarios, read LAPIC states, check against the real KVM.")
+    p.add_argument("--plain", action="store_true", help="plain text output (no colours)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="run the built-in 4-vCPU demo and print its trace")
+    d.add_argument("--trace-out", metavar="FILE.json", help="write a Perfetto/Chrome timeline")
+    d.add_argument("--backend", default="model", choices=["model", "kvm"])
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="run scenario files (TOML)")
+    r.add_argument("files", nargs="+", metavar="FILE.toml")
+    r.add_argument("--trace", action="store_true", help="print the trace")
+    r.add_argument("--trace-out", metavar="FILE.json", help="write a Perfetto/Chrome timeline")
+    r.add_argument("--backend", default="model", choices=["model", "kvm"])
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("state", help="decode or diff KVM_GET_LAPIC states (1024-byte files)")
+    ss = s.add_subparsers(dest="state_cmd", required=True)
+    sd = ss.add_parser("decode", help="a table of decoded registers and vector lists")
+    sd.add_argument("file")
+    sd.set_defaults(func=cmd_state_decode)
+    sf = ss.add_parser("diff", help="register-level differences between two states")
+    sf.add_argument("a")
+    sf.add_argument("b")
+    sf.set_defaults(func=cmd_state_diff)
+
+    try:
+        from .kvm import cli as kvm_cli
+
+        kvm_cli.add_commands(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Out(plain=args.plain)
+    try:
+        return args.func(args, out)
+    except ApicvError as e:
+        print(f"apicv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("apicv: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Virtual time for the model: a nanosecond clock with hrtimer-like one-shot timers.
+
+KVM's APIC timer is an hrtimer on CLOCK_MONOTONIC; here it is an :class:`HrTimer` on a
+:class:`Clock`. Time moves only when the user says so (``vm.clock.advance(ns)``), so every run is
+deterministic. Timers due in the advanced span fire in expiry order, each at its own instant
+(``clock.now`` equals the expiry while its callback runs), like ``__hrtimer_run_queues``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+
+class HrTimer:
+    """struct hrtimer: a callback armed at an absolute expiry time (ns).
+
+    The callback returns True for HRTIMER_RESTART (re-armed at ``self.expires``, which the
+    callback has moved on, as ``hrtimer_set_expires`` does) or False for HRTIMER_NORESTART.
+    """
+
+    __slots__ = ("clock", "function", "expires", "_gen", "active")
+
+    def __init__(self, clock: Clock, function: Callable[[], bool]) -> None:
+        self.clock = clock
+        self.function = function
+        self.expires = 0
+        self._gen = 0
+        self.active = False
+
+    def start(self, expires: int) -> None:
+        """hrtimer_start(HRTIMER_MODE_ABS): (re)arm at absolute time *expires*."""
+        self._gen += 1
+        self.expires = expires
+        self.active = True
+        self.clock._enqueue(self)
+
+    def cancel(self) -> bool:
+        """hrtimer_cancel: returns whether the timer was armed."""
+        was = self.active
+        if was:
+            self._gen += 1
+            self.active = False
+        return was
+
+
+class Clock:
+    """The VM's clock: ``now`` in nanoseconds since VM creation."""
+
+    def __init__(self, start_ns: int = 0) -> None:
+        self.now = start_ns
+        self._queue: list[tuple[int, int, int, HrTimer]] = []
+        self._seq = 0
+        self._firing = False
+
+    def _enqueue(self, timer: HrTimer) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (timer.expires, self._seq, timer._gen, timer))
+
+    def timer(self, function: Callable[[], bool]) -> HrTimer:
+        return HrTimer(self, function)
+
+    def next_expiry(self) -> int | None:
+        """Expiry of the earliest armed timer, or None."""
+        q = self._queue
+        while q and (q[0][3]._gen != q[0][2] or not q[0][3].active):
+            heapq.heappop(q)
+        return q[0][0] if q else None
+
+    def advance(self, ns: int) -> int:
+        """Move time forward by *ns* nanoseconds, firing every timer that falls due.
+
+        Returns the number of timer callbacks that ran."""
+        if ns < 0:
+            raise ValueError(f"time cannot go backwards (advance by {ns} ns)")
+        return self.advance_to(self.now + ns)
+
+    def advance_to(self, t: int) -> int:
+        if t < self.now:
+            raise ValueError(f"time cannot go backwards (now {self.now} ns, asked {t} ns)")
+        fired = 0
+        q = self._queue
+        while q and q[0][0] <= t:
+            expires, _seq, gen, timer = heapq.heappop(q)
+            if gen != timer._gen or not timer.active:
+                continue  # cancelled or re-armed since queued
+            self.now = max(self.now, expires)
+            timer.active = False
+            fired += 1
+            if timer.function():
+                timer.start(timer.expires)
+        self.now = t
+        return fired

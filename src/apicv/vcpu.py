@@ -1,0 +1,629 @@
+"""A vCPU: mp_state, INIT/SIPI, NMI/SMI bookkeeping, event injection and the guest's side.
+
+This is the x86.c half of the picture (``kvm_vcpu_reset``, ``kvm_apic_accept_events``,
+``process_nmi``, ``kvm_check_and_inject_events``, ``vcpu_enter_guest``/``vcpu_run``/
+``vcpu_block``, ``KVM_GET/SET_MP_STATE``, the MSR paths) around one :class:`LocalApic`.
+
+The guest is modelled as the small agent the real backend runs: it executes with RFLAGS.IF=0
+except inside :meth:`Vcpu.take_interrupts`; its handlers record the vector, EOI it (unless told
+not to) and IRET; its NMI handler records 2 and IRETs; its SMM handler is a bare RSM. Each guest
+operation is one KVM_RUN: the entry processes requests and injects at most one event, the
+operation itself is an in-kernel exit (APIC access or MSR), the run loop then injects a pending
+timer interrupt and re-enters, and the run ends with an exit to userspace.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import apicdef as A
+from .arch import VcpuArch
+from .errors import GuestFault, KvmError, MmioExit, MsrRejected, VcpuNotRunnable
+from .kvm_host import (
+    KVM_APIC_INIT,
+    KVM_APIC_SIPI,
+    KVM_REQ_APICV_UPDATE,
+    KVM_REQ_EVENT,
+    KVM_REQ_NMI,
+    KVM_REQ_SMI,
+    KVM_REQ_UNBLOCK,
+    request_names,
+)
+from .lapic import REJECTED, EoiBroadcast, LocalApic, SendIpi
+from .uapi import (
+    EINVAL,
+    KVM_APIC_REG_SIZE,
+    KVM_MAX_MCE_BANKS,
+    KVM_MP_STATE_AP_RESET_HOLD,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED,
+    KVM_X86_QUIRK_LAPIC_MMIO_HOLE,
+    MCG_BANKCNT_MASK,
+    MCG_CMCI_P,
+    MCG_CTL_P,
+    MCG_LMCE_P,
+    MCG_SER_P,
+    MP_STATE_NAMES,
+)
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+NMI_VECTOR = 2
+KVM_MCE_CAP_SUPPORTED = MCG_CTL_P | MCG_SER_P | MCG_CMCI_P | MCG_LMCE_P | MCG_BANKCNT_MASK
+_U64 = (1 << 64) - 1
+# bound on event-injection rounds in one guest operation (each round injects one event)
+_MAX_ROUNDS = 100_000
+
+
+class Vcpu:
+    """One vCPU of a :class:`~apicv.vm.Vm`. Host-side methods are the vCPU ioctls; guest-side
+    methods are what the guest agent does."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, vcpu_idx: int) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        kvm = vm.kvm
+        self.arch = VcpuArch(
+            vcpu_id=vcpu_id, vcpu_idx=vcpu_idx, cpuid_x2apic=vm.x2apic_cpuid,
+            cpuid_tsc_deadline=vm.tsc_deadline_cpuid, maxphyaddr=vm.maxphyaddr,
+            virtual_tsc_khz=vm.tsc_khz, mcg_cap=vm.mcg_cap,
+        )
+        # kvm_arch_vcpu_create(): RUNNABLE only for the reset BSP (in-kernel irqchip)
+        self.arch.mp_state = (KVM_MP_STATE_RUNNABLE if vcpu_id == kvm.bsp_vcpu_id
+                              else KVM_MP_STATE_UNINITIALIZED)
+        self.apic = LocalApic(self.arch, kvm, vm.clock, vm.vendor_ops())
+        self.apic.trace = vm.trace
+        # x86.c event state
+        self.nmi_pending = 0
+        self.nmi_injected = False
+        self.nmi_masked = False  # NMI blocking (only inside the guest's NMI handler)
+        self.smi_pending = False
+        self.smi_count = 0
+        self.rflags_if = False
+        self.irq_window_requested = False
+        self.nmi_window_requested = False
+        self.taken: list[int] = []  # vectors the guest took, not yet returned
+        self.sipi: tuple[int, int, int] | None = None  # (CS selector, CS base, RIP) after SIPI
+        self._window: list | None = None  # [taken, limit, eoi] while take_interrupts runs
+        self.kvm_vcpu_reset(False)
+
+    # ------------------------------------------------------------------ reset / INIT / SIPI
+    def kvm_vcpu_reset(self, init_event: bool) -> None:
+        self.apic.kvm_lapic_reset(init_event)
+        self.smi_pending = False
+        self.smi_count = 0
+        self.arch.nmi_queued = 0
+        self.nmi_pending = 0
+        self.nmi_injected = False
+        self.nmi_masked = False
+        self.arch.requests |= KVM_REQ_EVENT
+        self.rflags_if = False  # RFLAGS = X86_EFLAGS_FIXED
+        self.irq_window_requested = False
+        self.nmi_window_requested = False
+        self.vm._after_lapic_change()
+
+    def kvm_vcpu_is_bsp(self) -> bool:
+        return bool(self.arch.apic_base & A.MSR_IA32_APICBASE_BSP)
+
+    def kvm_apic_init_sipi_allowed(self) -> bool:
+        return True  # not in SMM (the SMM handler returns at once), no VMX root mode
+
+    def kvm_apic_accept_events(self) -> int:
+        """Process a pending INIT (vCPU INIT reset) and SIPI (only in INIT_RECEIVED)."""
+        apic = self.apic
+        if not apic.pending_events:
+            return 0
+        if not self.kvm_apic_init_sipi_allowed():
+            apic.pending_events &= ~(1 << KVM_APIC_SIPI)
+            return 0
+        if apic.pending_events & (1 << KVM_APIC_INIT):
+            apic.pending_events &= ~(1 << KVM_APIC_INIT)
+            self.kvm_vcpu_reset(True)
+            self._set_mp_state(KVM_MP_STATE_RUNNABLE if self.kvm_vcpu_is_bsp()
+                               else KVM_MP_STATE_INIT_RECEIVED)
+        if apic.pending_events & (1 << KVM_APIC_SIPI):
+            apic.pending_events &= ~(1 << KVM_APIC_SIPI)
+            if self.arch.mp_state == KVM_MP_STATE_INIT_RECEIVED:
+                vec = apic.sipi_vector
+                # kvm_vcpu_deliver_sipi_vector(): CS.selector = vec << 8, CS.base = vec << 12
+                self.sipi = (vec << 8, vec << 12, 0)
+                self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+        return 0
+
+    def _set_mp_state(self, state: int) -> None:
+        self.arch.mp_state = state
+        tr = self.vm.trace
+        if tr is not None:
+            tr.mp_state(self.vcpu_id, MP_STATE_NAMES.get(state, str(state)))
+
+    # ------------------------------------------------------------------ host: vCPU ioctls
+    def get_lapic(self) -> bytes:
+        """KVM_GET_LAPIC: the 1024-byte register page (kvm_apic_get_state)."""
+        with self.vm._vcpu_context(self):
+            if self.apic.guest_apic_protected:
+                raise KvmError(EINVAL, "KVM_GET_LAPIC", "the APIC state is protected")
+            self.apic.ops.sync_pir_to_irr(self.apic)
+            return self.apic.kvm_apic_get_state()
+
+    def set_lapic(self, page: bytes) -> None:
+        """KVM_SET_LAPIC (kvm_apic_set_state); KvmError(EINVAL) where KVM refuses."""
+        page = bytes(page)
+        if len(page) != KVM_APIC_REG_SIZE:
+            raise ValueError(f"a kvm_lapic_state is {KVM_APIC_REG_SIZE} bytes, got {len(page)}")
+        with self.vm._vcpu_context(self):
+            if self.apic.guest_apic_protected:
+                raise KvmError(EINVAL, "KVM_SET_LAPIC", "the APIC state is protected")
+            r = self.apic.kvm_apic_set_state(page)
+            self.vm._after_lapic_change()
+            if r:
+                raise KvmError(-r, "KVM_SET_LAPIC",
+                               "x2APIC ID in the state does not match the vCPU ID "
+                               "(KVM_X2APIC_API_USE_32BIT_IDS)")
+            self.apic.kvm_lapic_update_cr8_intercept()
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: runs kvm_apic_accept_events first."""
+        with self.vm._vcpu_context(self):
+            self.kvm_apic_accept_events()
+            st = self.arch.mp_state
+            if st in (KVM_MP_STATE_HALTED, KVM_MP_STATE_AP_RESET_HOLD) and self.arch.pv_unhalted:
+                return KVM_MP_STATE_RUNNABLE
+            return st
+
+    def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE."""
+        with self.vm._vcpu_context(self):
+            if state not in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_HALTED,
+                             KVM_MP_STATE_AP_RESET_HOLD, KVM_MP_STATE_INIT_RECEIVED,
+                             KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_RUNNABLE):
+                raise KvmError(EINVAL, "KVM_SET_MP_STATE", f"mp_state {state} not valid on x86")
+            if ((not self.kvm_apic_init_sipi_allowed() or self.smi_pending)
+                    and state in (KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_INIT_RECEIVED)):
+                raise KvmError(EINVAL, "KVM_SET_MP_STATE", "INIT/SIPI blocked or SMI pending")
+            if state == KVM_MP_STATE_SIPI_RECEIVED:
+                self._set_mp_state(KVM_MP_STATE_INIT_RECEIVED)
+                self.apic.pending_events |= 1 << KVM_APIC_SIPI
+            else:
+                self._set_mp_state(state)
+            self.arch.requests |= KVM_REQ_EVENT
+
+    def get_msr(self, index: int) -> int:
+        """KVM_GET_MSRS for one MSR (host-initiated). MsrRejected where KVM processes 0."""
+        with self.vm._vcpu_context(self):
+            v = self._read_msr(index, host=True)
+            if v is None:
+                raise MsrRejected("KVM_GET_MSRS", index)
+            return v
+
+    def set_msr(self, index: int, value: int) -> bool:
+        """KVM_SET_MSRS for one MSR (host-initiated): True if KVM set it (returned 1)."""
+        if not 0 <= value <= _U64:
+            raise ValueError(f"MSR value {value:#x} does not fit in 64 bits")
+        with self.vm._vcpu_context(self):
+            ok = self._write_msr(index, value, host=True)
+            self.vm._after_lapic_change()
+            return ok
+
+    def nmi(self) -> None:
+        """KVM_NMI: kvm_inject_nmi()."""
+        with self.vm._vcpu_context(self):
+            self.arch.nmi_queued += 1
+            self.arch.requests |= KVM_REQ_NMI
+
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: only the LVT count (MCG_CMCI_P) matters to the APIC."""
+        bank_num = mcg_cap & MCG_BANKCNT_MASK
+        if not bank_num or bank_num > KVM_MAX_MCE_BANKS or mcg_cap & ~KVM_MCE_CAP_SUPPORTED:
+            raise KvmError(EINVAL, "KVM_X86_SETUP_MCE", f"mcg_cap {mcg_cap:#x} not supported")
+        with self.vm._vcpu_context(self):
+            self.arch.mcg_cap = mcg_cap
+            self.apic.kvm_apic_after_set_mcg_cap()
+
+    def set_cpuid(self, *, x2apic: bool = True, tsc_deadline: bool = True) -> None:
+        """KVM_SET_CPUID2, reduced to the two bits the APIC depends on."""
+        with self.vm._vcpu_context(self):
+            self.arch.cpuid_x2apic = x2apic
+            self.arch.cpuid_tsc_deadline = tsc_deadline
+            self.arch.cpuid_set = True
+            self.apic.kvm_apic_set_version()
+            self.apic.timer_mode_mask = self.apic.timer_mode_mask_for_cpuid()
+
+    def set_tpr_access_reporting(self, enabled: bool, flags: int = 0) -> None:
+        """KVM_TPR_ACCESS_REPORTING."""
+        if flags:
+            raise KvmError(EINVAL, "KVM_TPR_ACCESS_REPORTING", "flags must be 0")
+        self.arch.tpr_access_reporting = bool(enabled)
+
+    # ------------------------------------------------------------------ MSR dispatch
+    def _read_msr(self, index: int, host: bool) -> int | None:
+        apic = self.apic
+        if index == A.MSR_IA32_APICBASE:
+            return self.arch.apic_base
+        if A.APIC_BASE_MSR <= index <= A.APIC_BASE_MSR + 0xFF:
+            return apic.kvm_x2apic_msr_read(index)
+        if index == A.MSR_IA32_TSC_DEADLINE:
+            return apic.kvm_get_lapic_tscdeadline_msr()
+        if index == A.MSR_IA32_TSC:
+            return apic.guest_tsc()
+        raise ValueError(f"MSR {index:#x} is not modelled by apicv")
+
+    def _write_msr(self, index: int, value: int, host: bool) -> bool:
+        apic = self.apic
+        if index == A.MSR_IA32_APICBASE:
+            return apic.kvm_apic_set_base(value, host) == 0
+        if A.APIC_BASE_MSR <= index <= A.APIC_BASE_MSR + 0xFF:
+            eff = apic.kvm_x2apic_msr_write(index, value)
+            if eff is REJECTED:
+                return False
+            self._route(eff)
+            return True
+        if index == A.MSR_IA32_TSC_DEADLINE:
+            apic.kvm_set_lapic_tscdeadline_msr(value)
+            return True
+        if index == A.MSR_IA32_TSC:
+            self.arch.tsc_offset = (value - apic.guest_tsc() + self.arch.tsc_offset) & _U64
+            return True
+        raise ValueError(f"MSR {index:#x} is not modelled by apicv")
+
+    def _route(self, eff) -> None:
+        """Carry out what a LAPIC write asked for."""
+        if eff is None or eff is REJECTED:
+            return
+        if isinstance(eff, SendIpi):
+            self.vm.router.kvm_apic_send_ipi(eff)
+        elif isinstance(eff, EoiBroadcast):
+            self.vm.kvm_ioapic_update_eoi(self, eff.vector, eff.level)
+
+    # ------------------------------------------------------------------ guest operations
+    def mmio_read(self, offset: int, size: int = 4) -> int:
+        """The guest reads *size* bytes at APIC base + *offset* (xAPIC MMIO)."""
+        self._check_mmio(offset, size)
+        out: list[int] = []
+        self._kvm_run(lambda: out.append(self._mmio_access(offset, size, None)))
+        return out[0]
+
+    def mmio_write(self, offset: int, value: int, size: int = 4) -> None:
+        """The guest writes *value* (*size* bytes) at APIC base + *offset*."""
+        self._check_mmio(offset, size)
+        if not 0 <= value < (1 << (8 * size)):
+            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
+        self._kvm_run(lambda: self._mmio_access(offset, size, value))
+
+    def rdmsr(self, index: int) -> int:
+        """The guest executes RDMSR; GuestFault(13) where KVM injects #GP."""
+        out: list[int] = []
+        self._kvm_run(lambda: out.append(self._guest_rdmsr(index)))
+        return out[0]
+
+    def wrmsr(self, index: int, value: int) -> None:
+        """The guest executes WRMSR; GuestFault(13) where KVM injects #GP."""
+        if not 0 <= value <= _U64:
+            raise ValueError(f"MSR value {value:#x} does not fit in 64 bits")
+        self._kvm_run(lambda: self._guest_wrmsr(index, value))
+
+    def write_cr8(self, value: int) -> None:
+        """The guest executes MOV CR8, value (64-bit mode): TPR = (value & 0xf) << 4."""
+        if not 0 <= value <= 0xF:
+            raise GuestFault(13, f"MOV to CR8 with reserved bits set ({value:#x})")
+        self._kvm_run(lambda: self._guest_cr8(value))
+
+    def read_cr8(self) -> int:
+        """The guest executes MOV reg, CR8: TPR[7:4]."""
+        out: list[int] = []
+        self._kvm_run(lambda: out.append(self.apic.kvm_lapic_get_cr8()))
+        return out[0]
+
+    def take_interrupts(self, limit: int | None = None, eoi: bool = True) -> list[int]:
+        """The guest opens an IF=1 window (STI ... CLI) and takes what KVM injects.
+
+        Returns the vectors taken since the last call, in order: NMIs (2) taken during other
+        guest operations first, then those of this window. Each handler EOIs its vector (MMIO
+        EOI in xAPIC mode, WRMSR 0x80B in x2APIC mode) unless *eoi* is False; *limit* caps how
+        many interrupts this window takes (the agent keeps IF=0 after that many)."""
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        self._kvm_run(lambda: self._interrupt_window(limit, eoi))
+        out, self.taken = self.taken, []
+        return out
+
+    def run(self) -> list[int]:
+        """One KVM_RUN in which the guest only exits back (OUT): injects what is pending
+        (NMIs with IF=0) and returns vectors taken since the last take_interrupts."""
+        self._kvm_run(lambda: None)
+        return list(self.taken)
+
+    # -- the pieces of guest work --
+    def _check_mmio(self, offset: int, size: int) -> None:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"MMIO size must be 1, 2, 4 or 8, not {size}")
+        if not 0 <= offset <= 0x1000 - size:
+            raise ValueError(f"offset {offset:#x} is outside the 4 KiB APIC page")
+
+    def _mmio_access(self, offset: int, size: int, value: int | None) -> int:
+        apic = self.apic
+        if not apic.hw_enabled or apic.x2apic:
+            if not self.vm.kvm.has_quirk(KVM_X86_QUIRK_LAPIC_MMIO_HOLE):
+                raise MmioExit(apic.base_address + offset, size, value is not None)
+            return (1 << (8 * size)) - 1 if value is None else 0
+        if value is None:
+            v = apic.kvm_lapic_reg_read(offset, size)
+            # KVM leaves the emulator's buffer untouched for a rejected read; the model says 0
+            return 0 if v is None else v
+        self._route(apic.apic_mmio_write_reg(offset, size, value))
+        return 0
+
+    def _guest_rdmsr(self, index: int) -> int:
+        v = self._read_msr(index, host=False)
+        if v is None:
+            raise GuestFault(13, f"RDMSR {index:#x}")
+        return v
+
+    def _guest_wrmsr(self, index: int, value: int) -> None:
+        if not self._write_msr(index, value, host=False):
+            raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x}")
+
+    def _guest_cr8(self, value: int) -> None:
+        self.apic.kvm_lapic_set_tpr(value)
+
+    # ------------------------------------------------------------------ KVM_RUN
+    def _kvm_run(self, work) -> None:
+        """One KVM_RUN whose guest does *work* (ending in an in-kernel exit), then exits to
+        userspace (the agent's OUT)."""
+        arch = self.arch
+        with self.vm._vcpu_context(self):
+            arch.wants_to_run = True
+            try:
+                self._run_until_guest()
+                self._entry()
+                try:
+                    work()
+                finally:
+                    self._exit_in_kernel()
+                self._entry()
+            finally:
+                arch.wants_to_run = False
+
+    def _run_until_guest(self) -> None:
+        """kvm_arch_vcpu_ioctl_run / vcpu_run until the vCPU enters the guest."""
+        arch = self.arch
+        if arch.mp_state == KVM_MP_STATE_UNINITIALIZED:
+            # KVM_RUN blocks until an event, runs accept_events and returns -EAGAIN; the
+            # agent's driver runs again.
+            if not self.kvm_vcpu_has_events():
+                raise VcpuNotRunnable(self.vcpu_id, arch.mp_state, "no INIT/SIPI pending")
+            self.kvm_apic_accept_events()
+        for _ in range(_MAX_ROUNDS):
+            if arch.mp_state == KVM_MP_STATE_RUNNABLE:
+                return
+            self._vcpu_block()
+        raise VcpuNotRunnable(self.vcpu_id, arch.mp_state)
+
+    def _vcpu_block(self) -> None:
+        """vcpu_block(): wake on an event, or say that KVM_RUN would block for good."""
+        arch = self.arch
+        if not self.kvm_vcpu_has_events():
+            if self.apic.apic_has_pending_timer():
+                # kvm_vcpu_check_block() wakes for the timer; vcpu_run injects it into IRR
+                self.apic.kvm_inject_apic_timer_irqs()
+                self.vm._after_lapic_change()
+                if self.kvm_vcpu_has_events():
+                    self._vcpu_block()
+                    return
+            raise VcpuNotRunnable(self.vcpu_id, arch.mp_state, "nothing would wake it")
+        self.kvm_apic_accept_events()
+        st = arch.mp_state
+        if st in (KVM_MP_STATE_HALTED, KVM_MP_STATE_AP_RESET_HOLD):
+            arch.pv_unhalted = False
+            self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+        elif st == KVM_MP_STATE_INIT_RECEIVED and not self.apic.pending_events:
+            raise VcpuNotRunnable(self.vcpu_id, st, "waiting for SIPI")
+        arch.requests &= ~KVM_REQ_UNBLOCK
+
+    def kvm_vcpu_has_events(self) -> bool:
+        arch = self.arch
+        if self.apic.pending_events and self.kvm_apic_init_sipi_allowed():
+            return True
+        if arch.pv_unhalted:
+            return True
+        if arch.requests & KVM_REQ_NMI or (self.nmi_pending and not self.nmi_masked):
+            return True
+        if arch.requests & KVM_REQ_SMI or self.smi_pending:
+            return True
+        return self.rflags_if and self.kvm_cpu_has_interrupt()
+
+    def kvm_cpu_has_interrupt(self) -> bool:
+        return self.vm.kvm_cpu_has_extint(self) or self.apic.kvm_apic_has_interrupt() != -1
+
+    def kvm_cpu_has_injectable_intr(self) -> bool:
+        if self.vm.kvm_cpu_has_extint(self):
+            return True
+        if self.apic.apicv_active:
+            return False  # the CPU delivers through RVI
+        return self.apic.kvm_apic_has_interrupt() != -1
+
+    def kvm_cpu_get_interrupt(self) -> int:
+        vector = self.vm.kvm_cpu_get_extint(self)
+        if vector != -1:
+            return vector
+        vector = self.apic.kvm_apic_has_interrupt()
+        if vector != -1:
+            self.apic.kvm_apic_ack_interrupt(vector)
+        return vector
+
+    def process_nmi(self) -> None:
+        """At most two NMIs pending (one if NMIs are blocked or one is being injected)."""
+        limit = 1 if (self.nmi_masked or self.nmi_injected) else 2
+        self.nmi_pending += self.arch.nmi_queued
+        self.arch.nmi_queued = 0
+        self.nmi_pending = min(self.nmi_pending, limit)
+        if self.nmi_pending:
+            self.arch.requests |= KVM_REQ_EVENT
+
+    def _process_requests(self) -> None:
+        arch = self.arch
+        req = arch.requests
+        if req & KVM_REQ_APICV_UPDATE:
+            arch.requests &= ~KVM_REQ_APICV_UPDATE
+            self.vm.kvm_vcpu_update_apicv(self)
+        if req & KVM_REQ_SMI:
+            arch.requests &= ~KVM_REQ_SMI
+            self.smi_pending = True  # process_smi()
+            arch.requests |= KVM_REQ_EVENT
+        if req & KVM_REQ_NMI:
+            arch.requests &= ~KVM_REQ_NMI
+            self.process_nmi()
+        self.vm._process_vcpu_requests(self)
+
+    def _vcpu_enter_guest(self):
+        """vcpu_enter_guest() up to VM entry: handle requests; on KVM_REQ_EVENT accept
+        INIT/SIPI and inject at most one event. Returns the injected event or None."""
+        arch = self.arch
+        self._process_requests()
+        injected = None
+        if arch.requests & KVM_REQ_EVENT:
+            arch.requests &= ~KVM_REQ_EVENT
+            self.kvm_apic_accept_events()
+            if arch.mp_state == KVM_MP_STATE_INIT_RECEIVED:
+                return None
+            injected = self.kvm_check_and_inject_events()
+            if self.apic.hw_enabled and self.apic.sw_enabled:
+                self.apic.kvm_lapic_update_cr8_intercept()
+                self.vm.kvm_lapic_sync_to_vapic(self)
+        self.apic.kvm_wait_lapic_expire()
+        return injected
+
+    def kvm_check_and_inject_events(self):
+        """Inject at most one event: 'smi', NMI_VECTOR (2) for an NMI, an IRQ vector, or None.
+        Requests an NMI/IRQ window when more is pending than could be injected."""
+        can_inject = True
+        injected = None
+        if self.smi_pending:
+            self.smi_pending = False
+            self.smi_count += 1
+            can_inject = False
+            injected = "smi"
+        if self.nmi_pending:
+            if can_inject and not self.nmi_masked:
+                self.nmi_pending -= 1
+                self.nmi_injected = True
+                tr = self.vm.trace
+                if tr is not None:
+                    tr.kvm_inj_nmi()
+                can_inject = False
+                injected = NMI_VECTOR
+            if self.nmi_pending:
+                self.nmi_window_requested = True
+        if self.kvm_cpu_has_injectable_intr():
+            if can_inject and self.rflags_if:
+                irq = self.kvm_cpu_get_interrupt()
+                if irq != -1:
+                    tr = self.vm.trace
+                    if tr is not None:
+                        tr.kvm_inj_virq(irq)
+                    injected = ("irq", irq)
+            if self.kvm_cpu_has_injectable_intr():
+                self.irq_window_requested = True
+        return injected
+
+    def _entry(self) -> None:
+        """Enter the guest; while KVM injects an event, the guest runs its handler, and any
+        window KVM asked for that the handler's IRET opens exits back for another entry."""
+        for _ in range(_MAX_ROUNDS):
+            if self.arch.mp_state != KVM_MP_STATE_RUNNABLE:
+                return
+            ev = self._vcpu_enter_guest()
+            if ev is None:
+                return
+            self._deliver(ev)
+            if not self._window_exit():
+                return
+            self._exit_in_kernel()
+        raise RuntimeError("event injection did not settle")
+
+    def _window_exit(self) -> bool:
+        """An NMI-window or IRQ-window exit happens (and sets KVM_REQ_EVENT) if KVM asked for
+        one and the guest is now open for it."""
+        if self.nmi_window_requested and not self.nmi_masked:
+            self.nmi_window_requested = False
+            self.arch.requests |= KVM_REQ_EVENT
+            return True
+        if self.irq_window_requested and self.rflags_if:
+            self.irq_window_requested = False
+            self.arch.requests |= KVM_REQ_EVENT
+            return True
+        return False
+
+    def _deliver(self, ev) -> None:
+        """The guest takes the injected event and its handler runs to IRET."""
+        if ev == "smi":
+            return  # the SMM handler is a bare RSM
+        if ev == NMI_VECTOR:
+            self.nmi_injected = False
+            self.taken.append(NMI_VECTOR)
+            return  # NMI blocking ends at IRET
+        vector = ev[1]
+        self.taken.append(vector)
+        win = self._window
+        if_after = True
+        if win is not None:
+            win[0] += 1
+            if win[1] is not None and win[0] >= win[1]:
+                if_after = False  # the agent keeps IF=0 once it has taken `limit` vectors
+            if win[2]:
+                self.rflags_if = False  # inside the handler (interrupt gate)
+                self._guest_eoi()
+                self._entry()  # re-entry after the EOI exit (NMIs may arrive here)
+        self.rflags_if = if_after
+
+    def _guest_eoi(self) -> None:
+        """The handler's EOI write: x2APIC WRMSR 0x80B or an MMIO write to base + 0xB0."""
+        apic = self.apic
+        if apic.x2apic:
+            self._route(apic.kvm_x2apic_msr_write(A.APIC_BASE_MSR + (A.APIC_EOI >> 4), 0))
+        elif apic.hw_enabled:
+            self._route(apic.apic_mmio_write_reg(A.APIC_EOI, 4, 0))
+        self._exit_in_kernel()
+
+    def _exit_in_kernel(self) -> None:
+        """vcpu_run after an exit handled in the kernel: a pending timer expiry -> IRR."""
+        if self.apic.apic_has_pending_timer():
+            self.apic.kvm_inject_apic_timer_irqs()
+        self.vm._after_lapic_change()
+
+    def _interrupt_window(self, limit: int | None, eoi: bool) -> None:
+        """STI; in-kernel exits until an entry injects nothing; CLI."""
+        if limit == 0:
+            return
+        self._window = [0, limit, eoi]
+        try:
+            self.rflags_if = True
+            for _ in range(_MAX_ROUNDS):
+                if not self.rflags_if:
+                    break
+                before = len(self.taken)
+                self._window_exit()
+                self._exit_in_kernel()
+                self._entry()
+                if len(self.taken) == before:
+                    break
+        finally:
+            self._window = None
+            self.rflags_if = False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def mp_state(self) -> int:
+        """vcpu->arch.mp_state as it is now (no accept_events; see get_mp_state)."""
+        return self.arch.mp_state
+
+    @property
+    def pending_requests(self) -> list[str]:
+        return request_names(self.arch.requests)
+
+    def __repr__(self) -> str:
+        return (f"Vcpu(id={self.vcpu_id}, mp_state={MP_STATE_NAMES.get(self.arch.mp_state)}, "
+                f"apic_base={self.arch.apic_base:#x})")

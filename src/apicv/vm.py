@@ -1,0 +1,343 @@
+"""The VM: the KVM-UAPI-shaped surface of the model (one ioctl, one method).
+
+``Vm`` owns the vCPUs, the clock, the optimized APIC map and the router, and does what the
+LAPICs ask of the VM after each operation: recalculate the map when it is dirty (and raise
+KVM_REQ_SCAN_IOAPIC), set APICv inhibits, fire timers that have fallen due, and hand EOIs to the
+IOAPIC.
+
+``apicv.Vm(..., backend="kvm")`` returns the real-KVM backend with the same interface.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from . import uapi as U
+from .apic_map import kvm_recalculate_apic_map
+from .arch import KvmArch
+from .clock import Clock
+from .delivery import Router
+from .errors import KvmError
+from .kvm_host import (
+    KVM_REQ_APICV_UPDATE,
+    KVM_REQ_EVENT,
+    KVM_REQ_SCAN_IOAPIC,
+    VMX_REQUIRED_APICV_INHIBITS,
+    ApicvInhibit,
+)
+from .lapic import VendorOps
+from .trace import VM_CONTEXT, Tracer
+from .vcpu import Vcpu
+
+KVM_MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS on these hosts
+KVM_MAX_VCPU_IDS = 4096  # KVM_CAP_MAX_VCPU_ID
+KVM_MSI_VALID_DEVID = 1 << 0
+# KVM_CAP_DISABLE_QUIRKS2 as these hosts report it
+KVM_X86_VALID_QUIRKS = 0x5FF
+
+_REQ_HANDLED_HERE = KVM_REQ_SCAN_IOAPIC
+
+
+class Vm:
+    """A VM with an in-kernel irqchip (KVM_CREATE_IRQCHIP) and *nr_vcpus* vCPUs.
+
+    ``x2apic_api`` is the KVM_CAP_X2APIC_API flag word, enabled after the vCPUs are created.
+    Keyword options select what KVM would be configured with: ``bsp_vcpu_id``
+    (KVM_SET_BOOT_CPU_ID), ``apic_bus_cycle_ns`` (KVM_CAP_X86_APIC_BUS_CYCLES_NS),
+    ``disabled_quirks`` (KVM_CAP_DISABLE_QUIRKS2), the guest CPUID bits ``x2apic_cpuid`` and
+    ``tsc_deadline_cpuid`` (both set, as KVM_GET_SUPPORTED_CPUID reports here), ``maxphyaddr``,
+    ``mcg_cap``, ``tsc_khz``, the module parameters ``enable_apicv``, ``vector_hashing``,
+    ``min_timer_period_us``, ``lapic_timer_advance``; ``vcpu_ids`` to choose the IDs;
+    ``trace=True`` to record a trace.
+    """
+
+    def __new__(cls, *args, backend: str = "model", **kwargs):
+        if backend == "kvm":
+            from .kvm import KvmVm
+
+            return KvmVm(*args, **kwargs)
+        if backend != "model":
+            raise ValueError(f"unknown backend {backend!r} (use 'model' or 'kvm')")
+        return super().__new__(cls)
+
+    def __init__(self, nr_vcpus: int = 1, x2apic_api: int = 0, *, backend: str = "model",
+                 vcpu_ids: list[int] | None = None, bsp_vcpu_id: int = 0,
+                 apic_bus_cycle_ns: int = 1, disabled_quirks: int = 0,
+                 x2apic_cpuid: bool = True, tsc_deadline_cpuid: bool = True,
+                 maxphyaddr: int = 48, mcg_cap: int = 0, tsc_khz: int = 1_000_000,
+                 enable_apicv: bool = False, vector_hashing: bool = True,
+                 min_timer_period_us: int = 200, lapic_timer_advance: bool = True,
+                 irqchip: str = "kernel", trace: bool | Tracer = False) -> None:
+        self.backend = "model"
+        self.clock = Clock()
+        self.kvm = KvmArch(enable_apicv=enable_apicv, vector_hashing=vector_hashing,
+                           min_timer_period_us=min_timer_period_us,
+                           lapic_timer_advance=lapic_timer_advance)
+        self.x2apic_cpuid = x2apic_cpuid
+        self.tsc_deadline_cpuid = tsc_deadline_cpuid
+        self.maxphyaddr = maxphyaddr
+        self.mcg_cap = mcg_cap
+        self.tsc_khz = tsc_khz
+        self.trace: Tracer | None = (trace if isinstance(trace, Tracer)
+                                     else Tracer(self.clock) if trace else None)
+        self.router = Router(self.kvm)
+        self.router.trace = self.trace
+        self.vcpus: list[Vcpu] = []
+        self._by_id: dict[int, Vcpu] = {}
+        self.ioapic = None  # the in-kernel IOAPIC (kvm_ioapic_update_eoi target)
+        self.eoi_broadcasts: list[tuple[int, int, bool]] = []  # (vcpu_id, vector, level)
+        # kvm_apicv_init(): ABSENT until the irqchip exists, DISABLED without enable_apicv
+        self.kvm.apicv_inhibit_reasons = 1 << (ApicvInhibit.ABSENT if enable_apicv
+                                               else ApicvInhibit.DISABLED)
+        # KVM_CREATE_IRQCHIP / KVM_CAP_SPLIT_IRQCHIP
+        if irqchip not in ("kernel", "split"):
+            raise ValueError("irqchip must be 'kernel' or 'split'")
+        self.kvm.irqchip_mode = irqchip
+        self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.ABSENT, False)
+        if apic_bus_cycle_ns != 1:
+            self.enable_cap(U.KVM_CAP_X86_APIC_BUS_CYCLES_NS, apic_bus_cycle_ns)
+        if disabled_quirks:
+            self.enable_cap(U.KVM_CAP_DISABLE_QUIRKS2, disabled_quirks)
+        if bsp_vcpu_id:
+            self.set_boot_cpu_id(bsp_vcpu_id)
+        for vid in (vcpu_ids if vcpu_ids is not None else range(nr_vcpus)):
+            self.create_vcpu(vid)
+        if x2apic_api:
+            self.enable_cap(U.KVM_CAP_X2APIC_API, x2apic_api)
+
+    # ------------------------------------------------------------------ VM ioctls
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU."""
+        if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS:
+            raise KvmError(U.EINVAL, "KVM_CREATE_VCPU", f"vcpu_id {vcpu_id} out of range")
+        if len(self.vcpus) >= KVM_MAX_VCPUS:
+            raise KvmError(U.EINVAL, "KVM_CREATE_VCPU", f"at most {KVM_MAX_VCPUS} vCPUs")
+        if vcpu_id in self._by_id:
+            raise KvmError(U.EEXIST, "KVM_CREATE_VCPU", f"vcpu_id {vcpu_id} exists")
+        vcpu = Vcpu(self, vcpu_id, len(self.vcpus))
+        self.vcpus.append(vcpu)
+        self._by_id[vcpu_id] = vcpu
+        self.router.apics.append(vcpu.apic)
+        self.kvm.apic_map_dirty = True
+        self._after_lapic_change()
+        return vcpu
+
+    def vcpu(self, vcpu_id: int) -> Vcpu:
+        """The vCPU with this vcpu_id (``vm.vcpus[i]`` indexes by creation order)."""
+        return self._by_id[vcpu_id]
+
+    def set_boot_cpu_id(self, vcpu_id: int) -> None:
+        """KVM_SET_BOOT_CPU_ID."""
+        if self.vcpus:
+            raise KvmError(U.EBUSY, "KVM_SET_BOOT_CPU_ID", "vCPUs already created")
+        if not 0 <= vcpu_id <= KVM_MAX_VCPU_IDS:
+            raise KvmError(U.EINVAL, "KVM_SET_BOOT_CPU_ID", f"{vcpu_id} out of range")
+        self.kvm.bsp_vcpu_id = vcpu_id
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd, for the capabilities the model implements."""
+        return {
+            U.KVM_CAP_IRQCHIP: 1,
+            U.KVM_CAP_SET_BOOT_CPU_ID: 1,
+            U.KVM_CAP_SPLIT_IRQCHIP: 1,
+            U.KVM_CAP_X2APIC_API: U.KVM_X2APIC_API_VALID_FLAGS,
+            U.KVM_CAP_DISABLE_QUIRKS2: KVM_X86_VALID_QUIRKS,
+            U.KVM_CAP_X86_APIC_BUS_CYCLES_NS: 1,
+        }.get(cap, 0)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM fd."""
+        arg0 = args[0] if args else 0
+        kvm = self.kvm
+        if cap == U.KVM_CAP_X2APIC_API:
+            if arg0 & ~U.KVM_X2APIC_API_VALID_FLAGS:
+                raise KvmError(U.EINVAL, "KVM_ENABLE_CAP", "unknown KVM_X2APIC_API flags")
+            if arg0 & U.KVM_X2APIC_API_USE_32BIT_IDS:
+                kvm.x2apic_format = True
+            if arg0 & U.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK:
+                kvm.x2apic_broadcast_quirk_disabled = True
+            return
+        if cap == U.KVM_CAP_X86_APIC_BUS_CYCLES_NS:
+            if not arg0 or (0xFFFFFFFF * 128 * arg0) >> 64:
+                raise KvmError(U.EINVAL, "KVM_ENABLE_CAP", "bad APIC bus cycle length")
+            if self.vcpus:
+                raise KvmError(U.EINVAL, "KVM_ENABLE_CAP", "vCPUs already created")
+            kvm.apic_bus_cycle_ns = arg0
+            return
+        if cap == U.KVM_CAP_DISABLE_QUIRKS2:
+            if arg0 & ~KVM_X86_VALID_QUIRKS:
+                raise KvmError(U.EINVAL, "KVM_ENABLE_CAP", "unknown quirks")
+            kvm.disabled_quirks |= arg0
+            return
+        raise KvmError(U.EINVAL, "KVM_ENABLE_CAP", f"capability {cap} not supported")
+
+    def signal_msi(self, address_lo: int, address_hi: int = 0, data: int = 0,
+                   flags: int = 0, devid: int = 0) -> int:
+        """KVM_SIGNAL_MSI: the number of APICs that accepted the interrupt.
+
+        Raises KvmError(EINVAL) for a bad flag or an invalid x2APIC-format route and
+        KvmError(EPERM) when no APIC matched at all (KVM returns -1)."""
+        if flags & ~KVM_MSI_VALID_DEVID:
+            raise KvmError(U.EINVAL, "KVM_SIGNAL_MSI", "unknown flags")
+        r = self.router.kvm_set_msi(address_lo & 0xFFFFFFFF, address_hi & 0xFFFFFFFF,
+                                    data & 0xFFFFFFFF)
+        if r < 0:
+            raise KvmError(-r, "KVM_SIGNAL_MSI",
+                           "no APIC matched the destination" if r == -1
+                           else "address_hi bits 7:0 must be 0 with 32-bit IDs")
+        return r
+
+    # ------------------------------------------------------------------ APICv inhibits
+    @property
+    def apicv_inhibits(self) -> int:
+        return self.kvm.apicv_inhibit_reasons
+
+    def kvm_set_or_clear_apicv_inhibit(self, reason: int, set_: bool) -> None:
+        """kvm_set_or_clear_apicv_inhibit(): a zero <-> nonzero change of the mask raises
+        KVM_REQ_APICV_UPDATE on every vCPU."""
+        kvm = self.kvm
+        if not kvm.enable_apicv:
+            return
+        if not VMX_REQUIRED_APICV_INHIBITS >> reason & 1:
+            return
+        old = kvm.apicv_inhibit_reasons
+        new = (old | (1 << reason)) if set_ else (old & ~(1 << reason))
+        tr = self.trace
+        if tr is not None:
+            tr.kvm_apicv_inhibit_changed(int(reason), set_, new)
+        if bool(old) != bool(new):
+            for v in self.vcpus:
+                v.arch.requests |= KVM_REQ_APICV_UPDATE
+                v.arch.kicks += 1
+        kvm.apicv_inhibit_reasons = new
+
+    def set_or_clear_apicv_inhibit(self, reason, set_: bool) -> None:
+        """User-driven inhibit toggle (names as in enum kvm_apicv_inhibit, no prefix)."""
+        if isinstance(reason, str):
+            reason = ApicvInhibit[reason.upper().removeprefix("APICV_INHIBIT_REASON_")]
+        self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit(reason), set_)
+
+    def kvm_vcpu_update_apicv(self, vcpu: Vcpu) -> None:
+        """__kvm_vcpu_update_apicv(): (de)activate APICv on this vCPU at its next entry."""
+        apic = vcpu.apic
+        activate = (self.kvm.enable_apicv and self.kvm.apicv_inhibit_reasons == 0
+                    and apic.hw_enabled)
+        if apic.apicv_active == activate:
+            return
+        apic.apicv_active = activate
+        apic.kvm_apic_update_apicv()
+        if not activate:
+            vcpu.arch.requests |= KVM_REQ_EVENT
+        else:
+            apic.kvm_apic_update_hwapic_isr()
+
+    def vendor_ops(self) -> VendorOps:
+        return VendorOps()
+
+    # ------------------------------------------------------------------ after an operation
+    def _after_lapic_change(self) -> None:
+        """What KVM does at the end of a register write, APIC-base write, reset or state
+        restore: kvm_recalculate_apic_map (when dirty), the inhibits it implies, and any
+        inhibit a LAPIC asked for; then timers that have fallen due fire."""
+        kvm = self.kvm
+        if kvm.apic_map_dirty:
+            self.kvm_recalculate_apic_map()
+        if kvm.inhibit_requests:
+            req, kvm.inhibit_requests = kvm.inhibit_requests, 0
+            for reason in ApicvInhibit:
+                if req >> reason & 1:
+                    self.kvm_set_or_clear_apicv_inhibit(reason, True)
+        clock = self.clock
+        q = clock._queue
+        if q and q[0][0] <= clock.now:
+            clock.advance(0)
+
+    def kvm_recalculate_apic_map(self) -> None:
+        kvm = self.kvm
+        kvm.apic_map_dirty = False
+        res = kvm_recalculate_apic_map(kvm, self.router.apics)
+        self.router.map = res.map
+        self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.PHYSICAL_ID_ALIASED,
+                                            res.physical_id_aliased)
+        self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.LOGICAL_ID_ALIASED,
+                                            res.logical_id_aliased)
+        self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.APIC_ID_MODIFIED,
+                                            res.xapic_id_mismatch)
+        for v in self.vcpus:
+            v.arch.requests |= KVM_REQ_SCAN_IOAPIC
+
+    @property
+    def apic_map(self):
+        """The current optimized map (None while physical IDs alias: slow path only)."""
+        return self.router.map
+
+    def _process_vcpu_requests(self, vcpu: Vcpu) -> None:
+        """Requests a vCPU handles at entry that belong to VM-level devices."""
+        arch = vcpu.arch
+        if arch.requests & KVM_REQ_SCAN_IOAPIC:
+            arch.requests &= ~KVM_REQ_SCAN_IOAPIC
+            self.vcpu_scan_ioapic(vcpu)
+
+    def vcpu_scan_ioapic(self, vcpu: Vcpu) -> None:
+        """Which vectors need an EOI exit for the IOAPIC (none without an IOAPIC model)."""
+        if not vcpu.apic.hw_enabled:
+            return
+        vcpu.arch.ioapic_handled_vectors = 0
+        if self.ioapic is not None:
+            vcpu.arch.ioapic_handled_vectors = self.ioapic.kvm_ioapic_scan_entry(vcpu)
+
+    def kvm_ioapic_update_eoi(self, vcpu: Vcpu, vector: int, level: bool) -> None:
+        """An EOI for a vector the IOAPIC handles (the hook the IOAPIC model plugs into)."""
+        self.eoi_broadcasts.append((vcpu.vcpu_id, vector, level))
+        if self.ioapic is not None:
+            self.ioapic.kvm_ioapic_update_eoi(vcpu, vector, level)
+
+    def kvm_cpu_has_extint(self, vcpu: Vcpu) -> bool:
+        """ExtINT from the PIC (not modelled yet: its output is always low)."""
+        return False
+
+    def kvm_cpu_get_extint(self, vcpu: Vcpu) -> int:
+        return -1
+
+    def kvm_lapic_sync_to_vapic(self, vcpu: Vcpu) -> None:
+        """kvm_lapic_sync_to_vapic(): VAPIC/PV-EOI work before entry (not modelled yet)."""
+
+    # ------------------------------------------------------------------ plumbing
+    @contextmanager
+    def _vcpu_context(self, vcpu: Vcpu):
+        tr = self.trace
+        if tr is None:
+            try:
+                yield
+            finally:
+                self._after_lapic_change()
+            return
+        old = tr.context
+        tr.context = vcpu.vcpu_id
+        try:
+            yield
+        finally:
+            self._after_lapic_change()
+            tr.context = old
+
+    def enable_tracing(self, limit: int | None = None) -> Tracer:
+        """Attach a tracer (tracing is off, and free, until this is called)."""
+        tr = Tracer(self.clock, limit=limit)
+        tr.context = VM_CONTEXT
+        self.trace = tr
+        self.router.trace = tr
+        for v in self.vcpus:
+            v.apic.trace = tr
+        return tr
+
+    def close(self) -> None:
+        """Nothing to release in the model (the KVM backend closes its fds)."""
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Vm(backend='model', vcpus={[v.vcpu_id for v in self.vcpus]})"
