@@ -108,9 +108,9 @@ class Router:
         if r is not None:
             return r
         kvm = self.kvm
-        lowest_prio = dm == _LOWEST or rh
-        if dest_mode == A.APIC_DEST_PHYSICAL and dest_id == 0xFF and lowest_prio:
-            dm = A.APIC_DM_FIXED  # "apic: phys broadcast and lowest prio"
+        if dest_mode == A.APIC_DEST_PHYSICAL and dest_id == 0xFF and (dm == _LOWEST or rh):
+            dm = A.APIC_DM_FIXED  # "apic: phys broadcast and lowest prio" (rh stays set)
+        lowest_prio = dm == _LOWEST or rh  # kvm_lowest_prio_delivery(), after the downgrade
         r = -1
         lowest: LocalApic | None = None
         candidates: list[int] = []

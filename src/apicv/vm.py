@@ -41,7 +41,7 @@ _REQ_HANDLED_HERE = KVM_REQ_SCAN_IOAPIC
 class Vm:
     """A VM with an in-kernel irqchip (KVM_CREATE_IRQCHIP) and *nr_vcpus* vCPUs.
 
-    ``x2apic_api`` is the KVM_CAP_X2APIC_API flag word, enabled after the vCPUs are created.
+    ``x2apic_api`` is the KVM_CAP_X2APIC_API flag word, enabled before the vCPUs are created.
     Keyword options select what KVM would be configured with: ``bsp_vcpu_id``
     (KVM_SET_BOOT_CPU_ID), ``apic_bus_cycle_ns`` (KVM_CAP_X86_APIC_BUS_CYCLES_NS),
     ``disabled_quirks`` (KVM_CAP_DISABLE_QUIRKS2), the guest CPUID bits ``x2apic_cpuid`` and
@@ -98,12 +98,13 @@ class Vm:
             self.enable_cap(U.KVM_CAP_X86_APIC_BUS_CYCLES_NS, apic_bus_cycle_ns)
         if disabled_quirks:
             self.enable_cap(U.KVM_CAP_DISABLE_QUIRKS2, disabled_quirks)
+        if x2apic_api:
+            # before the vCPUs, as QEMU does: enabling it later does not refresh the map
+            self.enable_cap(U.KVM_CAP_X2APIC_API, x2apic_api)
         if bsp_vcpu_id:
             self.set_boot_cpu_id(bsp_vcpu_id)
         for vid in (vcpu_ids if vcpu_ids is not None else range(nr_vcpus)):
             self.create_vcpu(vid)
-        if x2apic_api:
-            self.enable_cap(U.KVM_CAP_X2APIC_API, x2apic_api)
 
     # ------------------------------------------------------------------ VM ioctls
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
