@@ -350,3 +350,14 @@ def test_lowest_priority_never_looks_at_tpr():
     vm.vcpus[0].mmio_write(A.APIC_TASKPRI, 0xF0)
     vm.signal_msi(*msi(0x3, 0x40, dm=1, logical=True))  # 0x40 % 2 = 0 -> vCPU 0
     assert irrs(vm) == [1 << 0x40, 0]
+
+
+def test_newest_vcpu_missing_from_map_until_recalculated():
+    """kvm_arch_vcpu_create -> kvm_vcpu_reset -> kvm_lapic_reset recalculates the map before the
+    vCPU is online, and KVM_CREATE_VCPU does not recalculate it after: an NMI MSI to each APIC
+    of a fresh 3-vCPU VM is accepted by [1, 1, 0] (seen on this host), and by all three once a
+    KVM_SET_LAPIC marks the map dirty."""
+    vm = apicv.Vm(3)
+    assert [vm.signal_msi(*msi(i, 0, dm=4)) for i in range(3)] == [1, 1, 0]
+    vm.vcpus[0].set_lapic(vm.vcpus[0].get_lapic())
+    assert [vm.signal_msi(*msi(i, 0, dm=4)) for i in range(3)] == [1, 1, 1]

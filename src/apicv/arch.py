@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 from .uapi import KVM_MP_STATE_RUNNABLE
 
+# enum kvm_suppress_eoi_broadcast_mode
+SEB_QUIRKED = 0  # legacy: advertise directed EOI (split irqchip) but broadcast anyway
+SEB_ENABLED = 1  # KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST
+SEB_DISABLED = 2  # KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST
+
 
 @dataclass(slots=True)
 class KvmArch:
@@ -21,6 +26,7 @@ class KvmArch:
 
     x2apic_format: bool = False  # KVM_X2APIC_API_USE_32BIT_IDS
     x2apic_broadcast_quirk_disabled: bool = False  # KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK
+    suppress_eoi_broadcast_mode: int = SEB_QUIRKED
     apic_bus_cycle_ns: int = 1  # KVM_CAP_X86_APIC_BUS_CYCLES_NS (APIC_BUS_CYCLE_NS_DEFAULT)
     disabled_quirks: int = 0  # KVM_CAP_DISABLE_QUIRKS2
     bsp_vcpu_id: int = 0  # KVM_SET_BOOT_CPU_ID
@@ -36,6 +42,7 @@ class KvmArch:
     vector_hashing: bool = True
     min_timer_period_us: int = 200
     lapic_timer_advance: bool = True
+    smm: bool = True  # CONFIG_KVM_SMM (KVM_CAP_X86_SMM)
 
     def has_quirk(self, quirk: int) -> bool:
         """kvm_check_has_quirk()."""

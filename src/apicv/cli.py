@@ -195,13 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("b")
     sf.set_defaults(func=cmd_state_diff)
 
-    try:
-        from .kvm import cli as kvm_cli
+    c = sub.add_parser("crosscheck", help="run scenarios on the model and the real KVM, "
+                       "comparing after every step")
+    c.add_argument("files", nargs="+", metavar="FILE.toml")
+    c.set_defaults(func=cmd_crosscheck)
 
-        kvm_cli.add_commands(sub)
-    except ImportError:
-        pass
+    f = sub.add_parser("fuzz", help="random scenarios on both backends; a disagreement is "
+                       "shrunk and written out as a scenario file")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--count", type=int, default=200, help="scenarios to try")
+    f.add_argument("--steps", type=int, default=20, help="at most this many steps each")
+    f.add_argument("--out", default="fuzz-disagreement.toml",
+                   help="where to write a shrunk disagreement")
+    f.set_defaults(func=cmd_fuzz)
     return p
+
+
+def _need_kvm() -> None:
+    from .kvm import kvm_available
+
+    ok, why = kvm_available()
+    if not ok:
+        raise ApicvError(f"the real KVM backend is not available: {why}")
+
+
+def cmd_crosscheck(args, out: Out) -> int:
+    from .crosscheck import crosscheck_files
+
+    _need_kvm()
+    return crosscheck_files(args.files, out=out.print)
+
+
+def cmd_fuzz(args, out: Out) -> int:
+    from .fuzz import fuzz
+
+    _need_kvm()
+    return fuzz(seed=args.seed, count=args.count, max_steps=args.steps, out_path=args.out,
+                out=out)
 
 
 def main(argv: list[str] | None = None) -> int:

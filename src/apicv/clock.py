@@ -45,13 +45,30 @@ class HrTimer:
 
 
 class Clock:
-    """The VM's clock: ``now`` in nanoseconds since VM creation."""
+    """The VM's clock: ``now`` in nanoseconds since VM creation.
+
+    By default time moves only through :meth:`advance`. A clock can instead *follow* a time
+    source (``clock.follow(fn)``, fn returning nanoseconds): then :meth:`sync`, which the model
+    calls on entry to every vCPU operation and at every exit it handles, moves ``now`` up to
+    the source, so that time passes during guest operations as it does on real hardware (the
+    crosscheck follows the real VM's clock; a VMM follows CLOCK_MONOTONIC)."""
 
     def __init__(self, start_ns: int = 0) -> None:
         self.now = start_ns
         self._queue: list[tuple[int, int, int, HrTimer]] = []
         self._seq = 0
-        self._firing = False
+        self.source = None
+
+    def follow(self, source) -> None:
+        """Track *source* (a callable returning ns on the same scale), or None to stop."""
+        self.source = source
+
+    def sync(self) -> None:
+        src = self.source
+        if src is not None:
+            t = src()
+            if t > self.now:
+                self.advance_to(t)
 
     def _enqueue(self, timer: HrTimer) -> None:
         self._seq += 1

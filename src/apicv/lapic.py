@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import apicdef as A
-from .arch import KvmArch, VcpuArch
+from .arch import SEB_DISABLED, SEB_ENABLED, KvmArch, VcpuArch
 from .kvm_host import (
     KVM_APIC_CHECK_VAPIC,
     KVM_APIC_INIT,
@@ -222,8 +222,10 @@ class LocalApic(LapicTimerMixin):
 
     def kvm_apic_set_version(self) -> None:
         v = APIC_VERSION | ((self.nr_lvt_entries - 1) << 16)
-        # KVM's IOAPIC has no EOI register: directed EOI only without an in-kernel IOAPIC
-        if self.arch.cpuid_x2apic and not self.kvm.ioapic_in_kernel:
+        # KVM's IOAPIC has no EOI register: directed EOI only without an in-kernel IOAPIC, and
+        # not when userspace disabled it (KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST)
+        if (self.arch.cpuid_x2apic and self.kvm.suppress_eoi_broadcast_mode != SEB_DISABLED
+                and not self.kvm.ioapic_in_kernel):
             v |= A.APIC_LVR_DIRECTED_EOI
         self.kvm_lapic_set_reg(A.APIC_LVR, v)
 
@@ -437,6 +439,12 @@ class LocalApic(LapicTimerMixin):
         if not self.kvm_ioapic_handles_vector(vector):
             return None
         if self.kvm.irqchip_split:
+            # No exit when the guest suppresses EOI broadcasts (SPIV bit 12), but only if
+            # userspace enabled that (KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST); the legacy
+            # quirk ignores the bit.
+            if (self.kvm_lapic_get_reg(A.APIC_SPIV) & A.APIC_SPIV_DIRECTED_EOI
+                    and self.kvm.suppress_eoi_broadcast_mode == SEB_ENABLED):
+                return None
             # Request a KVM exit to inform the userspace IOAPIC.
             self.arch.pending_ioapic_eoi = vector
             self.arch.requests |= KVM_REQ_IOAPIC_EOI_EXIT
@@ -519,7 +527,9 @@ class LocalApic(LapicTimerMixin):
             arch.kicks += 1
             return 1
         if delivery_mode == A.APIC_DM_SMI:
-            # kvm_inject_smi(): KVM_REQ_SMI (CONFIG_KVM_SMM=y)
+            # kvm_inject_smi(): KVM_REQ_SMI with CONFIG_KVM_SMM=y, else -ENOTTY (dropped)
+            if not self.kvm.smm:
+                return 0
             arch.requests |= KVM_REQ_SMI
             arch.kicks += 1
             return 1
@@ -809,7 +819,11 @@ class LocalApic(LapicTimerMixin):
             self.kvm.inhibit_requests |= 1 << ApicvInhibit.APIC_BASE_MODIFIED
 
     def kvm_apic_set_base(self, value: int, host_initiated: bool) -> int:
-        """kvm_apic_set_base(): 0 on success, 1 to reject (#GP / KVM_SET_MSRS returns 0)."""
+        """kvm_apic_set_base(): 0 on success, 1 to reject (#GP / KVM_SET_MSRS returns 0).
+
+        An unchanged value returns 0 before any check (6.13+)."""
+        if value == self.arch.apic_base:
+            return 0
         old_mode = self.kvm_get_apic_mode()
         reserved_bits = (((1 << 64) - (1 << self.arch.maxphyaddr)) | 0x2FF
                          | (0 if self.arch.cpuid_x2apic else A.X2APIC_ENABLE))
@@ -823,8 +837,6 @@ class LocalApic(LapicTimerMixin):
                 return 1
             if old_mode == LapicMode.DISABLED and new_mode == LapicMode.X2APIC:
                 return 1
-        if value == self.arch.apic_base:
-            return 0
         self.__kvm_apic_set_base(value)
         return 0
 

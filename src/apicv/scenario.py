@@ -55,6 +55,8 @@ MP_STATES = {name: num for num, name in U.MP_STATE_NAMES.items()}
 X2APIC_API_FLAGS = {
     "USE_32BIT_IDS": U.KVM_X2APIC_API_USE_32BIT_IDS,
     "DISABLE_BROADCAST_QUIRK": U.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
+    "ENABLE_SUPPRESS_EOI_BROADCAST": U.KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST,
+    "DISABLE_SUPPRESS_EOI_BROADCAST": U.KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST,
 }
 CAPS = {n[len("KVM_CAP_"):]: v for n, v in vars(U).items() if n.startswith("KVM_CAP_")}
 QUIRKS = {n[len("KVM_X86_QUIRK_"):]: v for n, v in vars(U).items()
@@ -285,6 +287,11 @@ def parse(text: str, file: str = "<scenario>") -> Scenario:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _err(file, None, None, f"not valid TOML: {e}") from None
+    return parse_doc(doc, file)
+
+
+def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
+    """Validate a scenario given as the table TOML would produce."""
     for k in doc:
         if k not in ("description", "vm", "step"):
             raise _err(file, None, k, "unknown top-level key (expected description, vm, step)")

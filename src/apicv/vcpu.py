@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 NMI_VECTOR = 2
-KVM_MCE_CAP_SUPPORTED = MCG_CTL_P | MCG_SER_P | MCG_CMCI_P | MCG_LMCE_P | MCG_BANKCNT_MASK
+# kvm_caps.supported_mce_cap on VMX: MCG_CTL_P | MCG_SER_P, plus LMCE and CMCI (vmx.c)
+KVM_MCE_CAP_SUPPORTED = MCG_CTL_P | MCG_SER_P | MCG_CMCI_P | MCG_LMCE_P
 _U64 = (1 << 64) - 1
 # bound on event-injection rounds in one guest operation (each round injects one event)
 _MAX_ROUNDS = 100_000
@@ -89,6 +90,7 @@ class Vcpu:
         self.taken: list[int] = []  # vectors the guest took, not yet returned
         self.sipi: tuple[int, int, int] | None = None  # (CS selector, CS base, RIP) after SIPI
         self._window: list | None = None  # [taken, limit, eoi] while take_interrupts runs
+        self.last_read_undefined = False  # the last mmio_read was rejected by the LAPIC
         self.kvm_vcpu_reset(False)
 
     # ------------------------------------------------------------------ reset / INIT / SIPI
@@ -135,7 +137,10 @@ class Vcpu:
         return 0
 
     def _set_mp_state(self, state: int) -> None:
+        """kvm_set_mp_state(): RUNNABLE also clears pv_unhalted."""
         self.arch.mp_state = state
+        if state == KVM_MP_STATE_RUNNABLE:
+            self.arch.pv_unhalted = False
         tr = self.vm.trace
         if tr is not None:
             tr.mp_state(self.vcpu_id, MP_STATE_NAMES.get(state, str(state)))
@@ -181,9 +186,7 @@ class Vcpu:
                              KVM_MP_STATE_AP_RESET_HOLD, KVM_MP_STATE_INIT_RECEIVED,
                              KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_RUNNABLE):
                 raise KvmError(EINVAL, "KVM_SET_MP_STATE", f"mp_state {state} not valid on x86")
-            if ((not self.kvm_apic_init_sipi_allowed() or self.smi_pending)
-                    and state in (KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_INIT_RECEIVED)):
-                raise KvmError(EINVAL, "KVM_SET_MP_STATE", "INIT/SIPI blocked or SMI pending")
+            # (6.18: no INIT/SIPI-blocked check here any more; KVM_RUN refuses instead)
             if state == KVM_MP_STATE_SIPI_RECEIVED:
                 self._set_mp_state(KVM_MP_STATE_INIT_RECEIVED)
                 self.apic.pending_events |= 1 << KVM_APIC_SIPI
@@ -217,7 +220,8 @@ class Vcpu:
     def setup_mce(self, mcg_cap: int) -> None:
         """KVM_X86_SETUP_MCE: only the LVT count (MCG_CMCI_P) matters to the APIC."""
         bank_num = mcg_cap & MCG_BANKCNT_MASK
-        if not bank_num or bank_num > KVM_MAX_MCE_BANKS or mcg_cap & ~KVM_MCE_CAP_SUPPORTED:
+        supported = self.vm.supported_mce_cap | MCG_BANKCNT_MASK
+        if not bank_num or bank_num > KVM_MAX_MCE_BANKS or mcg_cap & ~supported:
             raise KvmError(EINVAL, "KVM_X86_SETUP_MCE", f"mcg_cap {mcg_cap:#x} not supported")
         with self.vm._vcpu_context(self):
             self.arch.mcg_cap = mcg_cap
@@ -345,13 +349,16 @@ class Vcpu:
 
     def _mmio_access(self, offset: int, size: int, value: int | None) -> int:
         apic = self.apic
+        self.last_read_undefined = False
         if not apic.hw_enabled or apic.x2apic:
             if not self.vm.kvm.has_quirk(KVM_X86_QUIRK_LAPIC_MMIO_HOLE):
                 raise MmioExit(apic.base_address + offset, size, value is not None)
             return (1 << (8 * size)) - 1 if value is None else 0
         if value is None:
             v = apic.kvm_lapic_reg_read(offset, size)
-            # KVM leaves the emulator's buffer untouched for a rejected read; the model says 0
+            # KVM leaves the emulator's buffer untouched for a rejected read, so the guest sees
+            # whatever was there (undefined); the model says 0 and flags it
+            self.last_read_undefined = v is None
             return 0 if v is None else v
         self._route(apic.apic_mmio_write_reg(offset, size, value))
         return 0
@@ -590,6 +597,9 @@ class Vcpu:
 
     def _exit_in_kernel(self) -> None:
         """vcpu_run after an exit handled in the kernel: a pending timer expiry -> IRR."""
+        clock = self.vm.clock
+        if clock.source is not None:
+            clock.sync()  # time passed while the guest ran
         if self.apic.apic_has_pending_timer():
             self.apic.kvm_inject_apic_timer_irqs()
         self.vm._after_lapic_change()

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from . import uapi as U
 from .apic_map import kvm_recalculate_apic_map
-from .arch import KvmArch
+from .arch import SEB_DISABLED, SEB_ENABLED, KvmArch
 from .clock import Clock
 from .delivery import Router
 from .errors import KvmError
@@ -46,8 +46,9 @@ class Vm:
     (KVM_SET_BOOT_CPU_ID), ``apic_bus_cycle_ns`` (KVM_CAP_X86_APIC_BUS_CYCLES_NS),
     ``disabled_quirks`` (KVM_CAP_DISABLE_QUIRKS2), the guest CPUID bits ``x2apic_cpuid`` and
     ``tsc_deadline_cpuid`` (both set, as KVM_GET_SUPPORTED_CPUID reports here), ``maxphyaddr``,
-    ``mcg_cap``, ``tsc_khz``, the module parameters ``enable_apicv``, ``vector_hashing``,
-    ``min_timer_period_us``, ``lapic_timer_advance``; ``vcpu_ids`` to choose the IDs;
+    ``mcg_cap``, ``supported_mce_cap``, ``tsc_khz``, ``smm`` (CONFIG_KVM_SMM), the module
+    parameters ``enable_apicv``, ``vector_hashing``, ``min_timer_period_us``,
+    ``lapic_timer_advance``; ``vcpu_ids`` to choose the IDs;
     ``trace=True`` to record a trace.
     """
 
@@ -67,12 +68,18 @@ class Vm:
                  maxphyaddr: int = 48, mcg_cap: int = 0, tsc_khz: int = 1_000_000,
                  enable_apicv: bool = False, vector_hashing: bool = True,
                  min_timer_period_us: int = 200, lapic_timer_advance: bool = True,
-                 irqchip: str = "kernel", trace: bool | Tracer = False) -> None:
+                 irqchip: str = "kernel", supported_mce_cap: int | None = None,
+                 smm: bool = True, trace: bool | Tracer = False) -> None:
+        from .vcpu import KVM_MCE_CAP_SUPPORTED
+
         self.backend = "model"
+        # KVM_X86_GET_MCE_CAP_SUPPORTED (VMX: CTL, SER, LMCE, CMCI)
+        self.supported_mce_cap = (KVM_MCE_CAP_SUPPORTED if supported_mce_cap is None
+                                  else supported_mce_cap)
         self.clock = Clock()
         self.kvm = KvmArch(enable_apicv=enable_apicv, vector_hashing=vector_hashing,
                            min_timer_period_us=min_timer_period_us,
-                           lapic_timer_advance=lapic_timer_advance)
+                           lapic_timer_advance=lapic_timer_advance, smm=smm)
         self.x2apic_cpuid = x2apic_cpuid
         self.tsc_deadline_cpuid = tsc_deadline_cpuid
         self.maxphyaddr = maxphyaddr
@@ -115,12 +122,13 @@ class Vm:
             raise KvmError(U.EINVAL, "KVM_CREATE_VCPU", f"at most {KVM_MAX_VCPUS} vCPUs")
         if vcpu_id in self._by_id:
             raise KvmError(U.EEXIST, "KVM_CREATE_VCPU", f"vcpu_id {vcpu_id} exists")
+        # kvm_arch_vcpu_create() resets the vCPU (kvm_lapic_reset recalculates the map) before
+        # the vCPU is online, and nothing recalculates it afterwards: the newest vCPU is not in
+        # the optimized map until something marks the map dirty again.
         vcpu = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(vcpu)
         self._by_id[vcpu_id] = vcpu
         self.router.apics.append(vcpu.apic)
-        self.kvm.apic_map_dirty = True
-        self._after_lapic_change()
         return vcpu
 
     def vcpu(self, vcpu_id: int) -> Vcpu:
@@ -141,9 +149,11 @@ class Vm:
             U.KVM_CAP_IRQCHIP: 1,
             U.KVM_CAP_SET_BOOT_CPU_ID: 1,
             U.KVM_CAP_SPLIT_IRQCHIP: 1,
-            U.KVM_CAP_X2APIC_API: U.KVM_X2APIC_API_VALID_FLAGS,
+            U.KVM_CAP_X2APIC_API: U.KVM_X2APIC_API_VALID_FLAGS & ~(
+                0 if self.kvm.irqchip_split else U.KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST),
             U.KVM_CAP_DISABLE_QUIRKS2: KVM_X86_VALID_QUIRKS,
             U.KVM_CAP_X86_APIC_BUS_CYCLES_NS: 1,
+            U.KVM_CAP_X86_SMM: int(self.kvm.smm),
         }.get(cap, 0)
 
     def enable_cap(self, cap: int, *args: int) -> None:
@@ -151,12 +161,21 @@ class Vm:
         arg0 = args[0] if args else 0
         kvm = self.kvm
         if cap == U.KVM_CAP_X2APIC_API:
-            if arg0 & ~U.KVM_X2APIC_API_VALID_FLAGS:
-                raise KvmError(U.EINVAL, "KVM_ENABLE_CAP", "unknown KVM_X2APIC_API flags")
+            enable = arg0 & U.KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST
+            disable = arg0 & U.KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST
+            if arg0 & ~U.KVM_X2APIC_API_VALID_FLAGS or (enable and disable):
+                raise KvmError(U.EINVAL, "KVM_ENABLE_CAP", "bad KVM_X2APIC_API flags")
+            if enable and not kvm.irqchip_split:
+                raise KvmError(U.EINVAL, "KVM_ENABLE_CAP",
+                               "ENABLE_SUPPRESS_EOI_BROADCAST needs a split irqchip")
             if arg0 & U.KVM_X2APIC_API_USE_32BIT_IDS:
                 kvm.x2apic_format = True
             if arg0 & U.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK:
                 kvm.x2apic_broadcast_quirk_disabled = True
+            if enable:
+                kvm.suppress_eoi_broadcast_mode = SEB_ENABLED
+            if disable:
+                kvm.suppress_eoi_broadcast_mode = SEB_DISABLED
             return
         if cap == U.KVM_CAP_X86_APIC_BUS_CYCLES_NS:
             if not arg0 or (0xFFFFFFFF * 128 * arg0) >> 64:
@@ -306,6 +325,8 @@ class Vm:
     # ------------------------------------------------------------------ plumbing
     @contextmanager
     def _vcpu_context(self, vcpu: Vcpu):
+        if self.clock.source is not None:
+            self.clock.sync()
         tr = self.trace
         if tr is None:
             try:

@@ -1,0 +1,1 @@
+"""The guest agent (agent.S) and its builder."""
