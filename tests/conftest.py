@@ -10,7 +10,13 @@ from apicv import apicdef as A
 
 def make_vm(n: int = 2, x2apic_api: int = 0, *, runnable: bool = True, enable: bool = True,
             **kw) -> apicv.Vm:
-    """A VM whose vCPUs are RUNNABLE (APs are UNINITIALIZED at creation) and software-enabled."""
+    """A VM whose vCPUs are RUNNABLE (APs are UNINITIALIZED at creation) and software-enabled.
+
+    Unless told otherwise it is KVM's software LAPIC (no APICv, no TPR shadow) -- the
+    configuration of these hosts, where the behaviours in selftests_behaviours.md were seen.
+    APICv and VMX behaviour is tested in test_apicv.py."""
+    kw.setdefault("enable_apicv", False)
+    kw.setdefault("flexpriority", kw["enable_apicv"])
     vm = apicv.Vm(n, x2apic_api, **kw)
     for cpu in vm.vcpus:
         if runnable:

@@ -156,14 +156,30 @@ def test_expiry_with_apic_hw_disabled_no_irq():
 
 
 def test_spiv_disable_clears_pending_expiry():
-    """SPIV write with bit 8 clear: LVTs masked and the pending expiry count zeroed."""
+    """SPIV write with bit 8 clear: LVTs masked and the pending expiry count zeroed (the expiry
+    is held pending while LVTT is masked, so it is not injected before the SPIV write)."""
     vm, cpu = timer_vm()
+    cpu.mmio_write(A.APIC_LVTT, MASKED | VEC)
     cpu.mmio_write(A.APIC_TMICT, 1000)
     vm.clock.advance(1000)
     cpu.mmio_write(A.APIC_SPIV, 0xFF)
     cpu.mmio_write(A.APIC_SPIV, 0x1FF)
     cpu.mmio_write(A.APIC_LVTT, VEC)
     assert cpu.take_interrupts() == []
+
+
+def test_expiry_outside_kvm_run_injected_at_next_entry():
+    """apic_timer_expired() while the vCPU is out of KVM_RUN: pending + KVM_REQ_UNBLOCK; the next
+    KVM_RUN bails out of vcpu_enter_guest (kvm_vcpu_exit_request) and vcpu_run injects the timer
+    before any guest code runs: a following SPIV disable cannot stop it."""
+    vm, cpu = timer_vm()
+    cpu.mmio_write(A.APIC_TMICT, 1000)
+    vm.clock.advance(1000)
+    assert LapicState(cpu.get_lapic()).irr == 0  # not yet: the vCPU has not run
+    cpu.mmio_write(A.APIC_SPIV, 0xFF)
+    assert LapicState(cpu.get_lapic()).irr == 1 << VEC
+    cpu.mmio_write(A.APIC_SPIV, 0x1FF)
+    assert cpu.take_interrupts() == [VEC]
 
 
 def test_tsc_deadline_msr():

@@ -10,7 +10,7 @@ operation (see :mod:`apicv.vm`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .uapi import KVM_MP_STATE_RUNNABLE
 
@@ -37,10 +37,13 @@ class KvmArch:
     # APICv: kvm->arch.apicv_inhibit_reasons, and inhibits the LAPIC asks the VM to set
     apicv_inhibit_reasons: int = 0
     inhibit_requests: int = 0
+    # vCPUs kicked or notified while resting in guest mode / HLT, served after the operation
+    kicked: list = field(default_factory=list)
     # module parameters (kvm.ko / kvm-intel.ko)
     enable_apicv: bool = True
     vector_hashing: bool = True
     min_timer_period_us: int = 200
+    flexpriority: bool = True  # kvm_intel.flexpriority (TPR shadow, virtualized APIC accesses)
     lapic_timer_advance: bool = True
     smm: bool = True  # CONFIG_KVM_SMM (KVM_CAP_X86_SMM)
 
@@ -74,8 +77,12 @@ class VcpuArch:
     tpr_access_reporting: bool = False
     ioapic_handled_vectors: int = 0  # 256-bit bitmap
     pending_ioapic_eoi: int = -1
-    kicks: int = 0  # kvm_vcpu_kick() calls (the model has no other CPU to IPI)
     wants_to_run: bool = False  # inside KVM_RUN
+    in_guest_mode: bool = False  # vcpu->mode == IN_GUEST_MODE
+    blocked: bool = False  # in kvm_vcpu_block() (HLT)
+    kick_pending: bool = False  # a kick IPI will force a VM exit
+    pi_notification: bool = False  # a posted-interrupt notification is on its way
+    guest_debug_blockirq: bool = False  # KVM_GUESTDBG_BLOCKIRQ
     # guest TSC (kvm_read_l1_tsc): tsc_offset + now * virtual_tsc_khz / 10^6
     tsc_offset: int = 0
     virtual_tsc_khz: int = 1_000_000

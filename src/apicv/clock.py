@@ -58,6 +58,7 @@ class Clock:
         self._queue: list[tuple[int, int, int, HrTimer]] = []
         self._seq = 0
         self.source = None
+        self.after_fire = None  # called after each timer callback
 
     def follow(self, source) -> None:
         """Track *source* (a callable returning ns on the same scale), or None to stop."""
@@ -106,5 +107,7 @@ class Clock:
             fired += 1
             if timer.function():
                 timer.start(timer.expires)
+            if self.after_fire is not None:
+                self.after_fire()
         self.now = t
         return fired

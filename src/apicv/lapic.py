@@ -112,7 +112,7 @@ class VendorOps:
         # vmx_deliver_interrupt() when posting fails (APICv inactive)
         apic.kvm_lapic_set_irr(vector)
         apic.arch.requests |= KVM_REQ_EVENT
-        apic.arch.kicks += 1
+        apic.kvm_vcpu_kick()
 
     def sync_pir_to_irr(self, apic: LocalApic) -> int:
         return apic.apic_find_highest_irr()
@@ -127,6 +127,12 @@ class VendorOps:
         pass
 
     def apicv_post_state_restore(self, apic: LocalApic) -> None:
+        pass
+
+    def refresh_apicv_exec_ctrl(self, apic: LocalApic) -> None:
+        pass
+
+    def load_eoi_exitmap(self, apic: LocalApic, bitmap: int) -> None:
         pass
 
     def update_cr8_intercept(self, apic: LocalApic, tpr: int, max_irr: int) -> None:
@@ -292,8 +298,7 @@ class LocalApic(LapicTimerMixin):
 
     def apic_clear_irr(self, vec: int) -> None:
         if self.apicv_active:
-            self.irr &= ~(1 << vec)
-            self.ops.hwapic_irr_update(self, self.apic_find_highest_irr())
+            self.irr &= ~(1 << vec)  # (6.18: no RVI update here; the next entry syncs it)
         else:
             self.irr &= ~(1 << vec)
             self.irr_pending = self.irr != 0
@@ -357,10 +362,12 @@ class LocalApic(LapicTimerMixin):
         return irr_updated, max_irr
 
     def kvm_apic_update_apicv(self) -> None:
-        """Refresh the caches after APICv is toggled or state restored."""
+        """Refresh the caches after APICv is toggled or state restored; with APICv active,
+        SVI is set to the highest ISR vector."""
         self.irr_pending = True
         if self.apicv_active:
             self.isr_count = 1
+            self.ops.hwapic_isr_update(self, self.isr.bit_length() - 1)
         else:
             self.isr_count = self.isr.bit_count()
         self.highest_isr_cache = -1
@@ -391,11 +398,10 @@ class LocalApic(LapicTimerMixin):
         return highest_irr
 
     def apic_update_ppr(self) -> None:
+        """(6.18: the CR8-intercept update moved to vcpu_enter_guest and KVM_SET_LAPIC.)"""
         dropped, ppr = self.__apic_update_ppr()
         if dropped and self.apic_has_interrupt_for_ppr(ppr) != -1:
             self.arch.requests |= KVM_REQ_EVENT
-        else:
-            self.kvm_lapic_update_cr8_intercept()
 
     def kvm_apic_update_ppr(self) -> None:
         self.apic_update_ppr()
@@ -504,40 +510,41 @@ class LocalApic(LapicTimerMixin):
                 self.irr |= bit
                 self.irr_pending = True
                 arch.requests |= KVM_REQ_EVENT
-                arch.kicks += 1
+                if arch.in_guest_mode or arch.blocked:
+                    self.kvm_vcpu_kick()
             return 1
         if delivery_mode == A.APIC_DM_NMI:
             # kvm_inject_nmi()
             arch.nmi_queued += 1
             arch.requests |= KVM_REQ_NMI
-            arch.kicks += 1
+            self.kvm_vcpu_kick()
             return 1
         if delivery_mode == A.APIC_DM_INIT:
             if not trig_mode or level:
                 # an assignment: a pending SIPI is dropped
                 self.pending_events = 1 << KVM_APIC_INIT
                 arch.requests |= KVM_REQ_EVENT
-                arch.kicks += 1
+                self.kvm_vcpu_kick()
                 return 1
             return 0
         if delivery_mode == A.APIC_DM_STARTUP:
             self.sipi_vector = vector
             self.pending_events |= 1 << KVM_APIC_SIPI
             arch.requests |= KVM_REQ_EVENT
-            arch.kicks += 1
+            self.kvm_vcpu_kick()
             return 1
         if delivery_mode == A.APIC_DM_SMI:
             # kvm_inject_smi(): KVM_REQ_SMI with CONFIG_KVM_SMM=y, else -ENOTTY (dropped)
             if not self.kvm.smm:
                 return 0
             arch.requests |= KVM_REQ_SMI
-            arch.kicks += 1
+            self.kvm_vcpu_kick()
             return 1
         if delivery_mode == A.APIC_DM_REMRD:
             # used by the PV kick hypercall
             arch.pv_unhalted = True
             arch.requests |= KVM_REQ_EVENT
-            arch.kicks += 1
+            self.kvm_vcpu_kick()
             return 1
         # APIC_DM_EXTINT: handled by kvm_apic_accept_pic_intr(); nothing to do here
         return 0
@@ -886,10 +893,23 @@ class LocalApic(LapicTimerMixin):
         self.apic_update_ppr()
         if self.apicv_active:
             self.ops.apicv_post_state_restore(self)
-            self.ops.hwapic_irr_update(self, -1)
-            self.ops.hwapic_isr_update(self, -1)
         self.arch.apic_arb_prio = 0
         self.arch.apic_attention = 0
+
+    # ------------------------------------------------------------------ kicks
+    def kvm_vcpu_kick(self) -> None:
+        """kvm_vcpu_kick(): wake the vCPU if it blocks, else IPI it out of guest mode. The
+        model records it; the VM delivers it after the current operation (kvm.kicked)."""
+        arch = self.arch
+        if arch.blocked:
+            self.kvm.kicked.append(arch)
+        elif arch.in_guest_mode:
+            arch.kick_pending = True
+            self.kvm.kicked.append(arch)
+
+    def kvm_vcpu_wake_up(self) -> None:
+        if self.arch.blocked:
+            self.kvm.kicked.append(self.arch)
 
     # ------------------------------------------------------------------ KVM_GET/SET_LAPIC
     def kvm_apic_state_fixup(self, s: bytearray, set_: bool) -> int:
@@ -968,8 +988,6 @@ class LocalApic(LapicTimerMixin):
         self.kvm_apic_update_apicv()
         if self.apicv_active:
             self.ops.apicv_post_state_restore(self)
-            self.ops.hwapic_irr_update(self, self.apic_find_highest_irr())
-            self.ops.hwapic_isr_update(self, self.apic_find_highest_isr())
         self.arch.requests |= KVM_REQ_EVENT
         self.arch.apic_arb_prio = 0
         return 0

@@ -66,7 +66,8 @@ VM_OPTIONS = {
     "vcpus": int, "x2apic_api": "x2apic_api", "vcpu_ids": list, "bsp_vcpu_id": int,
     "apic_bus_cycle_ns": int, "disabled_quirks": "quirks", "x2apic_cpuid": bool,
     "tsc_deadline_cpuid": bool, "maxphyaddr": int, "mcg_cap": int, "tsc_khz": int,
-    "enable_apicv": bool, "vector_hashing": bool, "min_timer_period_us": int,
+    "enable_apicv": bool, "flexpriority": bool, "vector_hashing": bool,
+    "min_timer_period_us": int,
     "lapic_timer_advance": bool,
 }
 

@@ -176,14 +176,14 @@ class LapicTimerMixin:
             return
         if self.apic_lvtt_tscdeadline() or self.hv_timer_in_use:
             self.expired_tscdeadline = self.tscdeadline
-        arch = self.arch
-        if not from_timer_fn and self.apicv_active and arch.wants_to_run:
+        if not from_timer_fn and self.apicv_active:
+            # (6.18: no wants_to_run condition any more)
             self.kvm_apic_inject_pending_timer_irqs()
             return
         self.timer_pending += 1
-        arch.requests |= KVM_REQ_UNBLOCK
+        self.arch.requests |= KVM_REQ_UNBLOCK
         if from_timer_fn:
-            arch.kicks += 1
+            self.kvm_vcpu_kick()
 
     def start_sw_tscdeadline(self) -> None:
         tscdeadline = self.tscdeadline

@@ -135,6 +135,18 @@ class Tracer:
     def priority(self, cpu: int, tpr: int, ppr: int) -> None:
         self.timeline.append((self.clock.now, cpu, "prio", (tpr, ppr)))
 
+    def apic_state(self, apic) -> None:
+        """A sample of one vCPU's interrupt state for the timeline counters: highest IRR and
+        ISR vectors, TPR, PPR, and with APICv RVI, SVI and the number of vectors in PIR."""
+        vmx = apic.vmx
+        sample = {
+            "IRR": apic.irr.bit_length() - 1, "ISR": apic.isr.bit_length() - 1,
+            "TPR": apic.r[0x80 >> 2] & 0xFF, "PPR": apic.r[0xA0 >> 2] & 0xFF,
+        }
+        if vmx is not None:
+            sample.update(RVI=vmx.rvi, SVI=vmx.svi, PIR=vmx.pi_desc.pir.bit_count())
+        self.timeline.append((self.clock.now, apic.vcpu_id, "state", sample))
+
     def in_service(self, cpu: int, vector: int, begin: bool) -> None:
         self.timeline.append((self.clock.now, cpu, "isr+" if begin else "isr-", vector))
 
@@ -166,6 +178,20 @@ class Tracer:
                 tpr, ppr = payload  # type: ignore[misc]
                 ev.append({"name": f"vCPU {cpu} priority", "ph": "C", "ts": t, "pid": pid,
                            "args": {"TPR": tpr, "PPR": ppr}})
+            elif kind == "state":
+                ev.append({"name": f"vCPU {cpu} APIC", "ph": "C", "ts": t, "pid": pid,
+                           "args": payload})
+            elif kind == "vid":
+                rvi, svi = payload  # type: ignore[misc]
+                ev.append({"name": f"vCPU {cpu} GUEST_INTR_STATUS", "ph": "C", "ts": t,
+                           "pid": pid, "args": {"RVI": rvi, "SVI": svi}})
+            elif kind == "pir":
+                ev.append({"name": f"posted vector {payload:#x}", "ph": "i", "s": "t", "ts": t,
+                           "pid": pid, "tid": cpu, "cat": "posted"})
+            elif kind == "apicv":
+                ev.append({"name": f"APICv {'activated' if payload else 'deactivated'}",
+                           "ph": "i", "s": "t", "ts": t, "pid": pid, "tid": cpu,
+                           "cat": "apicv"})
             elif kind in ("isr+", "isr-"):
                 ev.append({"name": f"vector {payload:#x} in service", "cat": "isr",
                            "ph": "b" if kind == "isr+" else "e", "ts": t, "pid": pid,

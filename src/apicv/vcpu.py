@@ -1,15 +1,9 @@
-"""A vCPU: mp_state, INIT/SIPI, NMI/SMI bookkeeping, event injection and the guest's side.
+"""A vCPU: mp_state, INIT/SIPI, NMI/SMI bookkeeping, event injection, the vCPU ioctls.
 
 This is the x86.c half of the picture (``kvm_vcpu_reset``, ``kvm_apic_accept_events``,
-``process_nmi``, ``kvm_check_and_inject_events``, ``vcpu_enter_guest``/``vcpu_run``/
-``vcpu_block``, ``KVM_GET/SET_MP_STATE``, the MSR paths) around one :class:`LocalApic`.
-
-The guest is modelled as the small agent the real backend runs: it executes with RFLAGS.IF=0
-except inside :meth:`Vcpu.take_interrupts`; its handlers record the vector, EOI it (unless told
-not to) and IRET; its NMI handler records 2 and IRETs; its SMM handler is a bare RSM. Each guest
-operation is one KVM_RUN: the entry processes requests and injects at most one event, the
-operation itself is an in-kernel exit (APIC access or MSR), the run loop then injects a pending
-timer interrupt and re-enters, and the run ends with an exit to userspace.
+``process_nmi``, ``kvm_check_and_inject_events``, ``vcpu_enter_guest``, ``vcpu_block``,
+``KVM_GET/SET_MP_STATE``, the MSR paths) around one :class:`LocalApic` and its VMX state
+(:class:`~apicv.vmx.vmx.VmxVcpu`). What the guest does is in :mod:`apicv.guest`.
 """
 
 from __future__ import annotations
@@ -18,18 +12,22 @@ from typing import TYPE_CHECKING
 
 from . import apicdef as A
 from .arch import VcpuArch
-from .errors import GuestFault, KvmError, MmioExit, MsrRejected, VcpuNotRunnable
+from .errors import KvmError, MsrRejected, VcpuNotRunnable
+from .guest import NMI_VECTOR, GuestMixin
 from .kvm_host import (
     KVM_APIC_INIT,
     KVM_APIC_SIPI,
+    KVM_REQ_APF_READY,
     KVM_REQ_APICV_UPDATE,
     KVM_REQ_EVENT,
+    KVM_REQ_IOAPIC_EOI_EXIT,
     KVM_REQ_NMI,
+    KVM_REQ_REPORT_TPR_ACCESS,
     KVM_REQ_SMI,
     KVM_REQ_UNBLOCK,
     request_names,
 )
-from .lapic import REJECTED, EoiBroadcast, LocalApic, SendIpi
+from .lapic import REJECTED, LocalApic
 from .uapi import (
     EINVAL,
     KVM_APIC_REG_SIZE,
@@ -40,7 +38,6 @@ from .uapi import (
     KVM_MP_STATE_RUNNABLE,
     KVM_MP_STATE_SIPI_RECEIVED,
     KVM_MP_STATE_UNINITIALIZED,
-    KVM_X86_QUIRK_LAPIC_MMIO_HOLE,
     MCG_BANKCNT_MASK,
     MCG_CMCI_P,
     MCG_CTL_P,
@@ -48,11 +45,11 @@ from .uapi import (
     MCG_SER_P,
     MP_STATE_NAMES,
 )
+from .vmx.vmx import VmxVcpu
 
 if TYPE_CHECKING:
     from .vm import Vm
 
-NMI_VECTOR = 2
 # kvm_caps.supported_mce_cap on VMX: MCG_CTL_P | MCG_SER_P, plus LMCE and CMCI (vmx.c)
 KVM_MCE_CAP_SUPPORTED = MCG_CTL_P | MCG_SER_P | MCG_CMCI_P | MCG_LMCE_P
 _U64 = (1 << 64) - 1
@@ -60,9 +57,9 @@ _U64 = (1 << 64) - 1
 _MAX_ROUNDS = 100_000
 
 
-class Vcpu:
+class Vcpu(GuestMixin):
     """One vCPU of a :class:`~apicv.vm.Vm`. Host-side methods are the vCPU ioctls; guest-side
-    methods are what the guest agent does."""
+    methods (:class:`~apicv.guest.GuestMixin`) are what the guest agent does."""
 
     def __init__(self, vm: Vm, vcpu_id: int, vcpu_idx: int) -> None:
         self.vm = vm
@@ -78,6 +75,11 @@ class Vcpu:
                               else KVM_MP_STATE_UNINITIALIZED)
         self.apic = LocalApic(self.arch, kvm, vm.clock, vm.vendor_ops())
         self.apic.trace = vm.trace
+        self.vmx = self.apic.vmx = VmxVcpu(self.apic, flexpriority=vm.flexpriority)
+        self._location = "host"
+        # init_vmcs(): the execution controls follow APICv and the APIC mode
+        self.apic.ops.refresh_apicv_exec_ctrl(self.apic)
+        self.apic.ops.set_virtual_apic_mode(self.apic)
         # x86.c event state
         self.nmi_pending = 0
         self.nmi_injected = False
@@ -273,127 +275,6 @@ class Vcpu:
             return True
         raise ValueError(f"MSR {index:#x} is not modelled by apicv")
 
-    def _route(self, eff) -> None:
-        """Carry out what a LAPIC write asked for."""
-        if eff is None or eff is REJECTED:
-            return
-        if isinstance(eff, SendIpi):
-            self.vm.router.kvm_apic_send_ipi(eff)
-        elif isinstance(eff, EoiBroadcast):
-            self.vm.kvm_ioapic_update_eoi(self, eff.vector, eff.level)
-
-    # ------------------------------------------------------------------ guest operations
-    def mmio_read(self, offset: int, size: int = 4) -> int:
-        """The guest reads *size* bytes at APIC base + *offset* (xAPIC MMIO)."""
-        self._check_mmio(offset, size)
-        out: list[int] = []
-        self._kvm_run(lambda: out.append(self._mmio_access(offset, size, None)))
-        return out[0]
-
-    def mmio_write(self, offset: int, value: int, size: int = 4) -> None:
-        """The guest writes *value* (*size* bytes) at APIC base + *offset*."""
-        self._check_mmio(offset, size)
-        if not 0 <= value < (1 << (8 * size)):
-            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
-        self._kvm_run(lambda: self._mmio_access(offset, size, value))
-
-    def rdmsr(self, index: int) -> int:
-        """The guest executes RDMSR; GuestFault(13) where KVM injects #GP."""
-        out: list[int] = []
-        self._kvm_run(lambda: out.append(self._guest_rdmsr(index)))
-        return out[0]
-
-    def wrmsr(self, index: int, value: int) -> None:
-        """The guest executes WRMSR; GuestFault(13) where KVM injects #GP."""
-        if not 0 <= value <= _U64:
-            raise ValueError(f"MSR value {value:#x} does not fit in 64 bits")
-        self._kvm_run(lambda: self._guest_wrmsr(index, value))
-
-    def write_cr8(self, value: int) -> None:
-        """The guest executes MOV CR8, value (64-bit mode): TPR = (value & 0xf) << 4."""
-        if not 0 <= value <= 0xF:
-            raise GuestFault(13, f"MOV to CR8 with reserved bits set ({value:#x})")
-        self._kvm_run(lambda: self._guest_cr8(value))
-
-    def read_cr8(self) -> int:
-        """The guest executes MOV reg, CR8: TPR[7:4]."""
-        out: list[int] = []
-        self._kvm_run(lambda: out.append(self.apic.kvm_lapic_get_cr8()))
-        return out[0]
-
-    def take_interrupts(self, limit: int | None = None, eoi: bool = True) -> list[int]:
-        """The guest opens an IF=1 window (STI ... CLI) and takes what KVM injects.
-
-        Returns the vectors taken since the last call, in order: NMIs (2) taken during other
-        guest operations first, then those of this window. Each handler EOIs its vector (MMIO
-        EOI in xAPIC mode, WRMSR 0x80B in x2APIC mode) unless *eoi* is False; *limit* caps how
-        many interrupts this window takes (the agent keeps IF=0 after that many)."""
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
-        self._kvm_run(lambda: self._interrupt_window(limit, eoi))
-        out, self.taken = self.taken, []
-        return out
-
-    def run(self) -> list[int]:
-        """One KVM_RUN in which the guest only exits back (OUT): injects what is pending
-        (NMIs with IF=0) and returns vectors taken since the last take_interrupts."""
-        self._kvm_run(lambda: None)
-        return list(self.taken)
-
-    # -- the pieces of guest work --
-    def _check_mmio(self, offset: int, size: int) -> None:
-        if size not in (1, 2, 4, 8):
-            raise ValueError(f"MMIO size must be 1, 2, 4 or 8, not {size}")
-        if not 0 <= offset <= 0x1000 - size:
-            raise ValueError(f"offset {offset:#x} is outside the 4 KiB APIC page")
-
-    def _mmio_access(self, offset: int, size: int, value: int | None) -> int:
-        apic = self.apic
-        self.last_read_undefined = False
-        if not apic.hw_enabled or apic.x2apic:
-            if not self.vm.kvm.has_quirk(KVM_X86_QUIRK_LAPIC_MMIO_HOLE):
-                raise MmioExit(apic.base_address + offset, size, value is not None)
-            return (1 << (8 * size)) - 1 if value is None else 0
-        if value is None:
-            v = apic.kvm_lapic_reg_read(offset, size)
-            # KVM leaves the emulator's buffer untouched for a rejected read, so the guest sees
-            # whatever was there (undefined); the model says 0 and flags it
-            self.last_read_undefined = v is None
-            return 0 if v is None else v
-        self._route(apic.apic_mmio_write_reg(offset, size, value))
-        return 0
-
-    def _guest_rdmsr(self, index: int) -> int:
-        v = self._read_msr(index, host=False)
-        if v is None:
-            raise GuestFault(13, f"RDMSR {index:#x}")
-        return v
-
-    def _guest_wrmsr(self, index: int, value: int) -> None:
-        if not self._write_msr(index, value, host=False):
-            raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x}")
-
-    def _guest_cr8(self, value: int) -> None:
-        self.apic.kvm_lapic_set_tpr(value)
-
-    # ------------------------------------------------------------------ KVM_RUN
-    def _kvm_run(self, work) -> None:
-        """One KVM_RUN whose guest does *work* (ending in an in-kernel exit), then exits to
-        userspace (the agent's OUT)."""
-        arch = self.arch
-        with self.vm._vcpu_context(self):
-            arch.wants_to_run = True
-            try:
-                self._run_until_guest()
-                self._entry()
-                try:
-                    work()
-                finally:
-                    self._exit_in_kernel()
-                self._entry()
-            finally:
-                arch.wants_to_run = False
-
     def _run_until_guest(self) -> None:
         """kvm_arch_vcpu_ioctl_run / vcpu_run until the vCPU enters the guest."""
         arch = self.arch
@@ -471,7 +352,12 @@ class Vcpu:
             self.arch.requests |= KVM_REQ_EVENT
 
     def _process_requests(self) -> None:
+        """The requests vcpu_enter_guest() handles before it looks at KVM_REQ_EVENT."""
         arch = self.arch
+        # nothing for the model to do: async PF, TPR-access report (KVM_EXIT_TPR_ACCESS),
+        # the split-irqchip EOI exit (not modelled yet)
+        arch.requests &= ~(KVM_REQ_APF_READY | KVM_REQ_REPORT_TPR_ACCESS
+                           | KVM_REQ_IOAPIC_EOI_EXIT)
         req = arch.requests
         if req & KVM_REQ_APICV_UPDATE:
             arch.requests &= ~KVM_REQ_APICV_UPDATE
@@ -498,9 +384,14 @@ class Vcpu:
                 return None
             injected = self.kvm_check_and_inject_events()
             if self.apic.hw_enabled and self.apic.sw_enabled:
-                self.apic.kvm_lapic_update_cr8_intercept()
+                self.apic.kvm_lapic_update_cr8_intercept()  # update_cr8_intercept()
                 self.vm.kvm_lapic_sync_to_vapic(self)
-        self.apic.kvm_wait_lapic_expire()
+        apic = self.apic
+        if apic.hw_enabled and apic.sw_enabled:
+            # pending posted interrupts: PIR -> IRR, RVI = highest IRR (vmx_sync_pir_to_irr)
+            apic.ops.sync_pir_to_irr(apic)
+        apic.kvm_wait_lapic_expire()
+        self.vmx.vm_entry()  # the processor: PPR virtualization, evaluation (VID)
         return injected
 
     def kvm_check_and_inject_events(self):
@@ -535,94 +426,6 @@ class Vcpu:
             if self.kvm_cpu_has_injectable_intr():
                 self.irq_window_requested = True
         return injected
-
-    def _entry(self) -> None:
-        """Enter the guest; while KVM injects an event, the guest runs its handler, and any
-        window KVM asked for that the handler's IRET opens exits back for another entry."""
-        for _ in range(_MAX_ROUNDS):
-            if self.arch.mp_state != KVM_MP_STATE_RUNNABLE:
-                return
-            ev = self._vcpu_enter_guest()
-            if ev is None:
-                return
-            self._deliver(ev)
-            if not self._window_exit():
-                return
-            self._exit_in_kernel()
-        raise RuntimeError("event injection did not settle")
-
-    def _window_exit(self) -> bool:
-        """An NMI-window or IRQ-window exit happens (and sets KVM_REQ_EVENT) if KVM asked for
-        one and the guest is now open for it."""
-        if self.nmi_window_requested and not self.nmi_masked:
-            self.nmi_window_requested = False
-            self.arch.requests |= KVM_REQ_EVENT
-            return True
-        if self.irq_window_requested and self.rflags_if:
-            self.irq_window_requested = False
-            self.arch.requests |= KVM_REQ_EVENT
-            return True
-        return False
-
-    def _deliver(self, ev) -> None:
-        """The guest takes the injected event and its handler runs to IRET."""
-        if ev == "smi":
-            return  # the SMM handler is a bare RSM
-        if ev == NMI_VECTOR:
-            self.nmi_injected = False
-            self.taken.append(NMI_VECTOR)
-            return  # NMI blocking ends at IRET
-        vector = ev[1]
-        self.taken.append(vector)
-        win = self._window
-        if_after = True
-        if win is not None:
-            win[0] += 1
-            if win[1] is not None and win[0] >= win[1]:
-                if_after = False  # the agent keeps IF=0 once it has taken `limit` vectors
-            if win[2]:
-                self.rflags_if = False  # inside the handler (interrupt gate)
-                self._guest_eoi()
-                self._entry()  # re-entry after the EOI exit (NMIs may arrive here)
-        self.rflags_if = if_after
-
-    def _guest_eoi(self) -> None:
-        """The handler's EOI write: x2APIC WRMSR 0x80B or an MMIO write to base + 0xB0."""
-        apic = self.apic
-        if apic.x2apic:
-            self._route(apic.kvm_x2apic_msr_write(A.APIC_BASE_MSR + (A.APIC_EOI >> 4), 0))
-        elif apic.hw_enabled:
-            self._route(apic.apic_mmio_write_reg(A.APIC_EOI, 4, 0))
-        self._exit_in_kernel()
-
-    def _exit_in_kernel(self) -> None:
-        """vcpu_run after an exit handled in the kernel: a pending timer expiry -> IRR."""
-        clock = self.vm.clock
-        if clock.source is not None:
-            clock.sync()  # time passed while the guest ran
-        if self.apic.apic_has_pending_timer():
-            self.apic.kvm_inject_apic_timer_irqs()
-        self.vm._after_lapic_change()
-
-    def _interrupt_window(self, limit: int | None, eoi: bool) -> None:
-        """STI; in-kernel exits until an entry injects nothing; CLI."""
-        if limit == 0:
-            return
-        self._window = [0, limit, eoi]
-        try:
-            self.rflags_if = True
-            for _ in range(_MAX_ROUNDS):
-                if not self.rflags_if:
-                    break
-                before = len(self.taken)
-                self._window_exit()
-                self._exit_in_kernel()
-                self._entry()
-                if len(self.taken) == before:
-                    break
-        finally:
-            self._window = None
-            self.rflags_if = False
 
     # ------------------------------------------------------------------ views
     @property

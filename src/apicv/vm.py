@@ -21,6 +21,7 @@ from .errors import KvmError
 from .kvm_host import (
     KVM_REQ_APICV_UPDATE,
     KVM_REQ_EVENT,
+    KVM_REQ_LOAD_EOI_EXITMAP,
     KVM_REQ_SCAN_IOAPIC,
     VMX_REQUIRED_APICV_INHIBITS,
     ApicvInhibit,
@@ -28,6 +29,9 @@ from .kvm_host import (
 from .lapic import VendorOps
 from .trace import VM_CONTEXT, Tracer
 from .vcpu import Vcpu
+from .vmx.vmx import VmxOps
+
+_VMX_OPS = VmxOps()
 
 KVM_MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS on these hosts
 KVM_MAX_VCPU_IDS = 4096  # KVM_CAP_MAX_VCPU_ID
@@ -66,7 +70,8 @@ class Vm:
                  apic_bus_cycle_ns: int = 1, disabled_quirks: int = 0,
                  x2apic_cpuid: bool = True, tsc_deadline_cpuid: bool = True,
                  maxphyaddr: int = 48, mcg_cap: int = 0, tsc_khz: int = 1_000_000,
-                 enable_apicv: bool = False, vector_hashing: bool = True,
+                 enable_apicv: bool = True, flexpriority: bool = True,
+                 vector_hashing: bool = True,
                  min_timer_period_us: int = 200, lapic_timer_advance: bool = True,
                  irqchip: str = "kernel", supported_mce_cap: int | None = None,
                  smm: bool = True, trace: bool | Tracer = False) -> None:
@@ -77,7 +82,12 @@ class Vm:
         self.supported_mce_cap = (KVM_MCE_CAP_SUPPORTED if supported_mce_cap is None
                                   else supported_mce_cap)
         self.clock = Clock()
+        self.clock.after_fire = self._after_timer
+        if enable_apicv and not flexpriority:
+            raise ValueError("enable_apicv needs flexpriority (virtualized APIC accesses)")
+        self.flexpriority = flexpriority
         self.kvm = KvmArch(enable_apicv=enable_apicv, vector_hashing=vector_hashing,
+                           flexpriority=flexpriority,
                            min_timer_period_us=min_timer_period_us,
                            lapic_timer_advance=lapic_timer_advance, smm=smm)
         self.x2apic_cpuid = x2apic_cpuid
@@ -201,6 +211,12 @@ class Vm:
             raise KvmError(U.EINVAL, "KVM_SIGNAL_MSI", "unknown flags")
         r = self.router.kvm_set_msi(address_lo & 0xFFFFFFFF, address_hi & 0xFFFFFFFF,
                                     data & 0xFFFFFFFF)
+        if self.kvm.kicked:
+            self._service_kicks()
+        tr = self.trace
+        if tr is not None:
+            for v in self.vcpus:
+                tr.apic_state(v.apic)
         if r < 0:
             raise KvmError(-r, "KVM_SIGNAL_MSI",
                            "no APIC matched the destination" if r == -1
@@ -228,7 +244,7 @@ class Vm:
         if bool(old) != bool(new):
             for v in self.vcpus:
                 v.arch.requests |= KVM_REQ_APICV_UPDATE
-                v.arch.kicks += 1
+                v.apic.kvm_vcpu_kick()
         kvm.apicv_inhibit_reasons = new
 
     def set_or_clear_apicv_inhibit(self, reason, set_: bool) -> None:
@@ -246,13 +262,30 @@ class Vm:
             return
         apic.apicv_active = activate
         apic.kvm_apic_update_apicv()
+        apic.ops.refresh_apicv_exec_ctrl(apic)
         if not activate:
             vcpu.arch.requests |= KVM_REQ_EVENT
-        else:
-            apic.kvm_apic_update_hwapic_isr()
+        tr = self.trace
+        if tr is not None:
+            tr.timeline.append((self.clock.now, vcpu.vcpu_id, "apicv", int(activate)))
 
     def vendor_ops(self) -> VendorOps:
-        return VendorOps()
+        return _VMX_OPS
+
+    def _service_kicks(self) -> None:
+        """Deliver what was sent to vCPUs resting in guest mode or HLT (their kick IPIs and
+        posted-interrupt notifications), now that the sending operation is complete."""
+        kicked = self.kvm.kicked
+        rounds = 0
+        while kicked:
+            rounds += 1
+            if rounds > 100_000:
+                raise RuntimeError("kicks did not settle")
+            arch = kicked.pop(0)
+            vcpu = self.vcpus[arch.vcpu_idx]
+            if vcpu._location != "host":
+                with self._vcpu_context(vcpu, service=False):
+                    vcpu._service()
 
     # ------------------------------------------------------------------ after an operation
     def _after_lapic_change(self) -> None:
@@ -271,6 +304,11 @@ class Vm:
         q = clock._queue
         if q and q[0][0] <= clock.now:
             clock.advance(0)
+
+    def _after_timer(self) -> None:
+        """A timer fired: a vCPU resting in guest mode or HLT was kicked; deliver now."""
+        if self.kvm.kicked:
+            self._service_kicks()
 
     def kvm_recalculate_apic_map(self) -> None:
         kvm = self.kvm
@@ -297,14 +335,25 @@ class Vm:
         if arch.requests & KVM_REQ_SCAN_IOAPIC:
             arch.requests &= ~KVM_REQ_SCAN_IOAPIC
             self.vcpu_scan_ioapic(vcpu)
+        if arch.requests & KVM_REQ_LOAD_EOI_EXITMAP:
+            arch.requests &= ~KVM_REQ_LOAD_EOI_EXITMAP
+            self.vcpu_load_eoi_exitmap(vcpu)
 
     def vcpu_scan_ioapic(self, vcpu: Vcpu) -> None:
-        """Which vectors need an EOI exit for the IOAPIC (none without an IOAPIC model)."""
-        if not vcpu.apic.hw_enabled:
+        """Which vectors need an EOI exit for the IOAPIC; then KVM_REQ_LOAD_EOI_EXITMAP."""
+        apic = vcpu.apic
+        if not apic.hw_enabled:
             return
         vcpu.arch.ioapic_handled_vectors = 0
+        apic.ops.sync_pir_to_irr(apic)
         if self.ioapic is not None:
             vcpu.arch.ioapic_handled_vectors = self.ioapic.kvm_ioapic_scan_entry(vcpu)
+        vcpu.arch.requests |= KVM_REQ_LOAD_EOI_EXITMAP
+
+    def vcpu_load_eoi_exitmap(self, vcpu: Vcpu) -> None:
+        apic = vcpu.apic
+        if apic.hw_enabled:
+            apic.ops.load_eoi_exitmap(apic, vcpu.arch.ioapic_handled_vectors)
 
     def kvm_ioapic_update_eoi(self, vcpu: Vcpu, vector: int, level: bool) -> None:
         """An EOI for a vector the IOAPIC handles (the hook the IOAPIC model plugs into)."""
@@ -324,23 +373,23 @@ class Vm:
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
-    def _vcpu_context(self, vcpu: Vcpu):
+    def _vcpu_context(self, vcpu: Vcpu, service: bool = True):
         if self.clock.source is not None:
             self.clock.sync()
         tr = self.trace
-        if tr is None:
-            try:
-                yield
-            finally:
-                self._after_lapic_change()
-            return
-        old = tr.context
-        tr.context = vcpu.vcpu_id
+        old = VM_CONTEXT
+        if tr is not None:
+            old = tr.context
+            tr.context = vcpu.vcpu_id
         try:
             yield
         finally:
             self._after_lapic_change()
-            tr.context = old
+            if tr is not None:
+                tr.context = old
+                tr.apic_state(vcpu.apic)
+        if service and self.kvm.kicked:
+            self._service_kicks()
 
     def enable_tracing(self, limit: int | None = None) -> Tracer:
         """Attach a tracer (tracing is off, and free, until this is called)."""

@@ -221,8 +221,10 @@ def host_module_parameters() -> dict[str, object]:
     if lta is None:
         ns = _read_param(p + "lapic_timer_advance_ns")
         lta = None if ns is None else int(ns) != 0
+    fp = _param_bool(_read_param("/sys/module/kvm_intel/parameters/flexpriority"))
     return {
         "enable_apicv": bool(apicv),
+        "flexpriority": bool(fp),
         "vector_hashing": True if vh is None else vh,
         "min_timer_period_us": 200 if mtp is None else int(mtp),
         "lapic_timer_advance": True if lta is None else lta,
@@ -344,7 +346,8 @@ class KvmVm:
                  apic_bus_cycle_ns: int = 1, disabled_quirks: int = 0,
                  x2apic_cpuid: bool = True, tsc_deadline_cpuid: bool = True,
                  maxphyaddr: int | None = None, mcg_cap: int = 0, tsc_khz: int | None = None,
-                 enable_apicv: bool | None = None, vector_hashing: bool | None = None,
+                 enable_apicv: bool | None = None, flexpriority: bool | None = None,
+                 vector_hashing: bool | None = None,
                  min_timer_period_us: int | None = None,
                  lapic_timer_advance: bool | None = None,
                  irqchip: str = "kernel", trace=False) -> None:
@@ -365,7 +368,8 @@ class KvmVm:
         self.tsc_deadline_cpuid = tsc_deadline_cpuid
         self.mcg_cap = mcg_cap
         self.host_parameters = host_module_parameters()
-        for name, want in (("enable_apicv", enable_apicv), ("vector_hashing", vector_hashing),
+        for name, want in (("enable_apicv", enable_apicv), ("flexpriority", flexpriority),
+                           ("vector_hashing", vector_hashing),
                            ("min_timer_period_us", min_timer_period_us),
                            ("lapic_timer_advance", lapic_timer_advance)):
             have = self.host_parameters[name]
