@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("crosscheck", help="run scenarios on the model and the real KVM, "
                        "comparing after every step")
     c.add_argument("files", nargs="+", metavar="FILE.toml")
+    c.add_argument("--model-apicv", action="store_true",
+                   help="run the model with APICv on (the host has none)")
     c.set_defaults(func=cmd_crosscheck)
 
     f = sub.add_parser("fuzz", help="random scenarios on both backends; a disagreement is "
@@ -207,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=20, help="at most this many steps each")
     f.add_argument("--out", default="fuzz-disagreement.toml",
                    help="where to write a shrunk disagreement")
+    f.add_argument("--model-apicv", action="store_true",
+                   help="run the model with APICv on (the host has none)")
     f.set_defaults(func=cmd_fuzz)
     return p
 
@@ -223,7 +227,7 @@ def cmd_crosscheck(args, out: Out) -> int:
     from .crosscheck import crosscheck_files
 
     _need_kvm()
-    return crosscheck_files(args.files, out=out.print)
+    return crosscheck_files(args.files, out=out.print, model_apicv=args.model_apicv)
 
 
 def cmd_fuzz(args, out: Out) -> int:
@@ -231,7 +235,7 @@ def cmd_fuzz(args, out: Out) -> int:
 
     _need_kvm()
     return fuzz(seed=args.seed, count=args.count, max_steps=args.steps, out_path=args.out,
-                out=out)
+                out=out, model_apicv=args.model_apicv)
 
 
 def main(argv: list[str] | None = None) -> int:

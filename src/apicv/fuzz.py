@@ -15,6 +15,7 @@ Needs hypothesis (installed with the ``test`` extra); the model itself does not.
 from __future__ import annotations
 
 import random
+import re
 import time
 from typing import Any
 
@@ -241,12 +242,20 @@ class _Stats:
         self.cases = 0
         self.steps = 0
         self.stopped = 0
+        self.stop_reasons: dict[str, int] = {}
         self.not_run = 0
         self.disagreements = 0
 
 
+def _reasons(stats: _Stats) -> str:
+    if not stats.stop_reasons:
+        return ""
+    return " (" + ", ".join(f"{k} {n}" for k, n in sorted(stats.stop_reasons.items())) + ")"
+
+
 def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
-         out_path: str | None = "fuzz-disagreement.toml", out=None, quiet: bool = False) -> int:
+         out_path: str | None = "fuzz-disagreement.toml", out=None, quiet: bool = False,
+         model_apicv: bool = False) -> int:
     """Run up to *count* random scenarios; 0 if none disagrees, 1 (and the shrunk scenario
     written to *out_path*) if one does."""
     from hypothesis import HealthCheck, Phase, find, settings
@@ -263,11 +272,15 @@ def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
 
     def disagrees(doc: dict[str, Any]) -> bool:
         sc = parse_doc(doc, "<fuzz>")
-        res = Crosscheck(sc, diffs).run()
+        res = Crosscheck(sc, diffs, model_apicv=model_apicv).run()
         if not shrinking[0]:
             stats.cases += 1
             stats.steps += res.steps_compared
-            stats.stopped += res.stopped is not None
+            if res.stopped is not None:
+                stats.stopped += 1
+                m = re.search(r"\b([HV]\d+)\b", res.stopped)
+                key = m.group(1) if m else "other"
+                stats.stop_reasons[key] = stats.stop_reasons.get(key, 0) + 1
             stats.not_run += res.error is not None
             progress.update(stats)
         if res.disagreement is not None:
@@ -291,13 +304,13 @@ def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
     dt = time.perf_counter() - t0
     printer(f"fuzz: seed {seed}: {stats.cases} cases, {stats.steps} steps compared in "
             f"{dt:.1f} s ({stats.steps / dt if dt else 0:.0f} steps/s); "
-            f"{stats.stopped} stopped at a host difference; {stats.not_run} not runnable; "
-            f"{stats.disagreements} disagreement(s)")
+            f"{stats.stopped} stopped at a named difference{_reasons(stats)}; "
+            f"{stats.not_run} not runnable; {stats.disagreements} disagreement(s)")
     if not found:
         return 0
     doc = dict(last["doc"])
-    doc["description"] = (f"apicv fuzz --seed {seed}: shrunk disagreement between the model "
-                          "and the real KVM")
+    doc["description"] = (f"apicv fuzz --seed {seed}{' --model-apicv' if model_apicv else ''}: "
+                          "shrunk disagreement between the model and the real KVM")
     text = to_toml(doc)
     if out_path:
         with open(out_path, "w") as f:

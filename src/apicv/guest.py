@@ -118,7 +118,7 @@ class GuestMixin:
             self._run_until_guest()
             self._entry()
             self.rflags_if = interrupts
-            self._settle()
+            self._idle()
             self._location = "guest"
         self.vm._service_kicks()
 
@@ -131,8 +131,8 @@ class GuestMixin:
             self.arch.wants_to_run = True
             self._run_until_guest()
             self._entry()
+            # STI blocks interrupts for one instruction: the HLT, which exits (HLT exiting)
             self.rflags_if = interrupts
-            self._settle()
             self._vm_exit("HLT")
             self._set_mp_state(KVM_MP_STATE_HALTED)  # __kvm_emulate_halt
             self._exit_in_kernel()
@@ -195,14 +195,19 @@ class GuestMixin:
             if arch.mp_state != KVM_MP_STATE_RUNNABLE:
                 return
             ev = self._vcpu_enter_guest()
-            # kvm_vcpu_exit_request(): a request still pending cancels the entry (r = 1), and
-            # vcpu_run's tail runs (e.g. KVM_REQ_UNBLOCK from an expired timer)
-            if ev is None and arch.requests:
+            # kvm_vcpu_exit_request(): a request still pending cancels the entry (r = 1) and
+            # vcpu_run's tail runs (e.g. KVM_REQ_UNBLOCK from an expired timer); an event
+            # already injected is re-queued (cancel_injection) and re-injected next time
+            if arch.requests:
+                if ev is not None:
+                    self._reinject = ev
+                    arch.requests |= KVM_REQ_EVENT
                 self._exit_in_kernel()
                 continue
             break
         else:
             raise RuntimeError("KVM_RUN did not reach the guest")
+        self.vmx.vm_entry()  # the processor: PPR virtualization, evaluation (VID)
         self.arch.in_guest_mode = True
         if ev is not None:
             self._deliver(ev)
@@ -285,17 +290,23 @@ class GuestMixin:
         self._window = [0, limit, eoi]
         try:
             self.rflags_if = True
-            for _ in range(_MAX_ROUNDS):
-                before = len(self.taken)
-                self._settle()
-                if self.rflags_if and self._window_exit():
-                    self._exit_in_kernel()
-                    self._entry()
-                if len(self.taken) == before:
-                    break
+            self._idle()
         finally:
             self._window = None
             self.rflags_if = False
+
+    def _idle(self) -> None:
+        """The guest runs with its current IF until nothing more is delivered: recognized
+        virtual interrupts, and the window exits KVM asked for."""
+        for _ in range(_MAX_ROUNDS):
+            before = len(self.taken)
+            self._settle()
+            if self.rflags_if and self._window_exit():
+                self._exit_in_kernel()
+                self._entry()
+            if len(self.taken) == before:
+                return
+        raise RuntimeError("the guest did not settle")
 
     # ------------------------------------------------------------------ kicks and wake-ups
     def _service(self) -> None:
@@ -310,7 +321,7 @@ class GuestMixin:
             if arch.kick_pending:
                 arch.kick_pending = False
                 self._reenter("EXTERNAL_INTERRUPT")
-            self._settle()
+            self._idle()
         elif self._location == "halted":
             arch.kick_pending = arch.pi_notification = False
             self._wake_if_events()
@@ -330,7 +341,7 @@ class GuestMixin:
             self._set_mp_state(KVM_MP_STATE_RUNNABLE)
         self._location = "guest"
         self._entry()
-        self._settle()
+        self._idle()
 
     # ------------------------------------------------------------------ APIC accesses
     def _check_mmio(self, offset: int, size: int) -> None:

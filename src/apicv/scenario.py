@@ -458,14 +458,7 @@ class Runner:
                 self.saved[st.save] = page
             return page
         if op == "set_lapic":
-            if "from" in a:
-                if a["from"] not in self.saved:
-                    raise ScenarioError(self.sc.file, st.index, "from",
-                                        f"no state saved as {a['from']!r} by an earlier step")
-                base = self.saved[a["from"]]
-            else:
-                base = bytes(LapicState.load(_relative(self.sc.file, a["file"])))
-            return cpu.set_lapic(_patched(base, a.get("patch", {})))
+            return cpu.set_lapic(self.lapic_page(st))
         if op == "get_msr":
             return cpu.get_msr(a["index"])
         if op == "set_msr":
@@ -489,6 +482,18 @@ class Runner:
         if op == "set_or_clear_apicv_inhibit":
             return vm.set_or_clear_apicv_inhibit(a["reason"], a["set"])
         raise AssertionError(op)
+
+    def lapic_page(self, st: Step) -> bytes:
+        """The page a set_lapic step loads: a saved or file state with its patch applied."""
+        a = st.args
+        if "from" in a:
+            if a["from"] not in self.saved:
+                raise ScenarioError(self.sc.file, st.index, "from",
+                                    f"no state saved as {a['from']!r} by an earlier step")
+            base = self.saved[a["from"]]
+        else:
+            base = bytes(LapicState.load(_relative(self.sc.file, a["file"])))
+        return _patched(base, a.get("patch", {}))
 
     def step(self, st: Step) -> Outcome:
         out = Outcome(st)

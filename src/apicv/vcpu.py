@@ -25,6 +25,7 @@ from .kvm_host import (
     KVM_REQ_REPORT_TPR_ACCESS,
     KVM_REQ_SMI,
     KVM_REQ_UNBLOCK,
+    ApicvInhibit,
     request_names,
 )
 from .lapic import REJECTED, LocalApic
@@ -93,6 +94,7 @@ class Vcpu(GuestMixin):
         self.sipi: tuple[int, int, int] | None = None  # (CS selector, CS base, RIP) after SIPI
         self._window: list | None = None  # [taken, limit, eoi] while take_interrupts runs
         self.last_read_undefined = False  # the last mmio_read was rejected by the LAPIC
+        self._reinject = None  # an injected event whose VM entry was cancelled
         self.kvm_vcpu_reset(False)
 
     # ------------------------------------------------------------------ reset / INIT / SIPI
@@ -104,6 +106,7 @@ class Vcpu(GuestMixin):
         self.nmi_pending = 0
         self.nmi_injected = False
         self.nmi_masked = False
+        self._reinject = None  # kvm_clear_interrupt_queue()
         self.arch.requests |= KVM_REQ_EVENT
         self.rflags_if = False  # RFLAGS = X86_EFLAGS_FIXED
         self.irq_window_requested = False
@@ -155,6 +158,18 @@ class Vcpu(GuestMixin):
                 raise KvmError(EINVAL, "KVM_GET_LAPIC", "the APIC state is protected")
             self.apic.ops.sync_pir_to_irr(self.apic)
             return self.apic.kvm_apic_get_state()
+
+    def lapic_view(self) -> bytes:
+        """The page as KVM_GET_LAPIC would return it, without its side effects and without
+        taking the vCPU out of guest mode: PIR merged into IRR in the copy, TMCCT computed.
+        (Not an ioctl: a way to look at a running vCPU's virtual-APIC page.)"""
+        apic = self.apic
+        saved = apic.irr
+        apic.irr |= self.vmx.pi_desc.pir
+        try:
+            return apic.kvm_apic_get_state()
+        finally:
+            apic.irr = saved
 
     def set_lapic(self, page: bytes) -> None:
         """KVM_SET_LAPIC (kvm_apic_set_state); KvmError(EINVAL) where KVM refuses."""
@@ -237,6 +252,15 @@ class Vcpu(GuestMixin):
             self.arch.cpuid_set = True
             self.apic.kvm_apic_set_version()
             self.apic.timer_mode_mask = self.apic.timer_mode_mask_for_cpuid()
+
+    def set_guest_debug(self, enable: bool = False, blockirq: bool = False) -> None:
+        """KVM_SET_GUEST_DEBUG, the part the APIC cares about: KVM_GUESTDBG_BLOCKIRQ keeps
+        KVM from injecting interrupts and inhibits APICv while any vCPU has it
+        (kvm_arch_vcpu_guestdbg_update_apicv_inhibit)."""
+        with self.vm._vcpu_context(self):
+            self.arch.guest_debug_blockirq = bool(enable and blockirq)
+            blocked = any(v.arch.guest_debug_blockirq for v in self.vm.vcpus)
+            self.vm.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.BLOCKIRQ, blocked)
 
     def set_tpr_access_reporting(self, enabled: bool, flags: int = 0) -> None:
         """KVM_TPR_ACCESS_REPORTING."""
@@ -391,7 +415,6 @@ class Vcpu(GuestMixin):
             # pending posted interrupts: PIR -> IRR, RVI = highest IRR (vmx_sync_pir_to_irr)
             apic.ops.sync_pir_to_irr(apic)
         apic.kvm_wait_lapic_expire()
-        self.vmx.vm_entry()  # the processor: PPR virtualization, evaluation (VID)
         return injected
 
     def kvm_check_and_inject_events(self):
@@ -399,6 +422,12 @@ class Vcpu(GuestMixin):
         Requests an NMI/IRQ window when more is pending than could be injected."""
         can_inject = True
         injected = None
+        if self._reinject is not None:
+            # an event whose injection was cancelled goes in first (kvm_x86_call(inject_*))
+            injected, self._reinject = self._reinject, None
+            can_inject = False
+        if self.arch.guest_debug_blockirq:
+            return injected  # "Don't inject interrupts if the user asked to avoid doing so"
         if self.smi_pending:
             self.smi_pending = False
             self.smi_count += 1

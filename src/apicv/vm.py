@@ -374,6 +374,9 @@ class Vm:
     # ------------------------------------------------------------------ plumbing
     @contextmanager
     def _vcpu_context(self, vcpu: Vcpu, service: bool = True):
+        if service:
+            # a vCPU ioctl needs vcpu->mutex: the VMM takes the vCPU out of KVM_RUN first
+            vcpu._stop_guest()
         if self.clock.source is not None:
             self.clock.sync()
         tr = self.trace

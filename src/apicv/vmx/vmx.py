@@ -241,8 +241,8 @@ class VmxOps(VendorOps):
         arch = apic.arch
         if arch.in_guest_mode:
             # a notification IPI to the pCPU: processed by the CPU, no VM exit
-            apic.kvm.notify.append(arch)
             arch.pi_notification = True
+            apic.kvm.kicked.append(arch)
             return
         apic.kvm_vcpu_wake_up()
 
