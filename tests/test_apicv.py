@@ -213,6 +213,28 @@ def test_halted_vcpu_woken_by_ipi():
         assert exits(b).get("HLT") == 1
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["apicv", "no-apicv"])
+def test_vcpu_taken_out_of_sti_hlt_keeps_its_if(on):
+    """A signal takes a halted vCPU out of KVM_RUN (-EINTR) but the guest is still in HLT
+    with RFLAGS.IF=1: at the next KVM_RUN, vcpu_block's kvm_vcpu_has_events() sees an
+    interrupt sent meanwhile (kvm_arch_interrupt_allowed reads the guest's IF), the vCPU
+    wakes, takes it, and only then does its next operation. Halted with IF=0 it stays
+    blocked."""
+    vm = make_vm(1, enable_apicv=on, flexpriority=True)
+    cpu = vm.vcpus[0]
+    cpu.halt(interrupts=True)
+    cpu.leave_guest()
+    assert cpu.mp_state == apicv.KVM_MP_STATE_HALTED
+    vm.signal_msi(*msi(0, 0x41))
+    assert cpu.read_cr8() == 0
+    assert cpu.take_interrupts() == [0x41]
+    cpu.halt(interrupts=False)
+    cpu.leave_guest()
+    vm.signal_msi(*msi(0, 0x42))
+    with pytest.raises(apicv.VcpuNotRunnable):
+        cpu.read_cr8()
+
+
 def test_halt_with_pending_interrupt_does_not_block():
     vm = apicv_vm(1)
     cpu = vm.vcpus[0]

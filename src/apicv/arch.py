@@ -46,10 +46,19 @@ class KvmArch:
     flexpriority: bool = True  # kvm_intel.flexpriority (TPR shadow, virtualized APIC accesses)
     lapic_timer_advance: bool = True
     smm: bool = True  # CONFIG_KVM_SMM (KVM_CAP_X86_SMM)
+    # KVM_CREATE_VM type; a TD (KVM_X86_TDX_VM) has protected state and protected EOIs
+    vm_type: int = 0
+    has_protected_state: bool = False
+    has_protected_eoi: bool = False
+    vm_bugged: bool = False  # KVM_BUG_ON fired: every later ioctl fails with -EIO
 
     def has_quirk(self, quirk: int) -> bool:
         """kvm_check_has_quirk()."""
         return not (self.disabled_quirks & quirk)
+
+    @property
+    def is_td(self) -> bool:
+        return self.vm_type == 5  # KVM_X86_TDX_VM
 
     @property
     def ioapic_in_kernel(self) -> bool:

@@ -73,11 +73,18 @@ def vcpu_table(vm) -> tuple[list[str], list[list[str]]]:
         base = cpu.get_msr(0x1B)
         mode = ("disabled" if not base & (1 << 11)
                 else "x2APIC" if base & (1 << 10) else "xAPIC")
-        s = LapicState(cpu.get_lapic())
-        apic_id = s["ID"]
+        if getattr(cpu, "td", False):
+            # KVM_GET_LAPIC fails for a TD: show the TD's own page (the TDX module's) and
+            # the ID from KVM's copy
+            s = LapicState(cpu.vmx.apic.state())
+            apic_id = cpu.get_msr(0x802)
+            mode += " TD"
+        else:
+            s = LapicState(cpu.get_lapic())
+            apic_id = s["ID"]
         rows.append([
             str(cpu.vcpu_id), mode + (" BSP" if base & (1 << 8) else ""),
-            f"{apic_id >> 24 if mode != 'x2APIC' or apic_id >> 24 else apic_id:#x}",
+            f"{apic_id >> 24 if 'x2APIC' not in mode or apic_id >> 24 else apic_id:#x}",
             f"{s['TPR']:#04x}", f"{s['PPR']:#04x}", _vec_list(s.irr), _vec_list(s.isr),
             U.MP_STATE_NAMES.get(cpu.get_mp_state(), "?"),
         ])

@@ -44,6 +44,7 @@ class GuestMixin:
     """Guest operations of :class:`apicv.vcpu.Vcpu`."""
 
     vmx: VmxVcpu
+    td: bool
 
     # ------------------------------------------------------------------ public guest ops
     def mmio_read(self, offset: int, size: int = 4) -> int:
@@ -133,7 +134,13 @@ class GuestMixin:
             self._entry()
             # STI blocks interrupts for one instruction: the HLT, which exits (HLT exiting)
             self.rflags_if = interrupts
-            self._vm_exit("HLT")
+            if self.td:
+                # a TD halts with TDVMCALL<HLT>, telling whether interrupts are blocked
+                self._vm_exit("TDCALL")
+                self.vmx.hlt_exit = True
+                self.vmx.hlt_irq_blocked = not interrupts
+            else:
+                self._vm_exit("HLT")
             self._set_mp_state(KVM_MP_STATE_HALTED)  # __kvm_emulate_halt
             self._exit_in_kernel()
             self._location = "halted"
@@ -148,11 +155,14 @@ class GuestMixin:
     def _stop_guest(self) -> None:
         if self._location == "host":
             return
+        if self._location == "guest":
+            self.rflags_if = False  # the agent returns to userspace; its next op starts with CLI
+        # (a vCPU taken out of HLT is still in HLT, with the IF it halted with, until an
+        # event wakes it)
         self._location = "host"
         self.arch.in_guest_mode = False
         self.arch.blocked = False
         self.arch.wants_to_run = False
-        self.rflags_if = False  # the agent's next operation starts with CLI
 
     # ------------------------------------------------------------------ KVM_RUN
     def _kvm_run(self, work) -> None:
@@ -164,6 +174,11 @@ class GuestMixin:
             try:
                 self._run_until_guest()
                 self._entry()
+                if self.rflags_if:
+                    # woken from STI;HLT: the guest takes what is pending, then its next
+                    # operation starts with CLI
+                    self._idle()
+                    self.rflags_if = False
                 work()
             finally:
                 arch.in_guest_mode = False  # the agent's OUT
@@ -356,11 +371,13 @@ class GuestMixin:
         vmx = self.vmx
         self.last_read_undefined = False
         if not apic.hw_enabled or apic.x2apic:
-            # the MMIO hole: an EPT-misconfig exit to the emulated MMIO bus
+            # the MMIO hole: an EPT-misconfig exit to the emulated MMIO bus (in a TD: a #VE the
+            # guest turns into a TDVMCALL)
+            reason = "TDCALL" if self.td else "EPT_MISCONFIG"
             if not self.vm.kvm.has_quirk(KVM_X86_QUIRK_LAPIC_MMIO_HOLE):
-                self._vm_exit("EPT_MISCONFIG")
+                self._vm_exit(reason)
                 raise MmioExit(apic.base_address + offset, size, value is not None)
-            self._reenter_after(lambda: None, "EPT_MISCONFIG")
+            self._reenter_after(lambda: None, reason)
             return (1 << (8 * size)) - 1 if value is None else 0
         if vmx.vaa and vmx.mmio_virtualized(offset, size, value is not None):
             if value is None:
@@ -433,7 +450,8 @@ class GuestMixin:
             if vmx.apicv:
                 return vmx.read_page64((index & 0xFF) << 4)
             return vmx.read_page64(A.APIC_TASKPRI)
-        v = self._reenter_after(lambda: self._read_msr(index, host=False), "MSR_READ")
+        v = self._reenter_after(lambda: self._read_msr(index, host=False),
+                                "TDCALL" if self.td else "MSR_READ")
         if v is None:
             raise GuestFault(13, f"RDMSR {index:#x}")
         return v
@@ -448,8 +466,9 @@ class GuestMixin:
             elif value >> 8:
                 raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x} (bits 63:8 reserved)")
             off = (index & 0xFF) << 4
-            self.apic.r[off >> 2] = value & 0xFFFFFFFF
-            self.apic.r[(off >> 2) + 1] = 0
+            page = vmx.apic.r  # the virtual-APIC page (a TD's own page in a TD)
+            page[off >> 2] = value & 0xFFFFFFFF
+            page[(off >> 2) + 1] = 0
             if index == 0x808:
                 self._tpr_virtualized()
             elif index == 0x80B:
@@ -462,16 +481,18 @@ class GuestMixin:
                     lambda: self._route(self.apic.kvm_apic_write_nodecode(A.APIC_SELF_IPI)),
                     "APIC_WRITE")
             return
-        ok = self._reenter_after(lambda: self._write_msr(index, value, host=False), "MSR_WRITE")
+        ok = self._reenter_after(lambda: self._write_msr(index, value, host=False),
+                                 "TDCALL" if self.td else "MSR_WRITE")
         if not ok:
             raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x}")
 
     def _cr8(self, value: int | None) -> int:
         apic = self.apic
         if self.vmx.tpr_shadow:
+            page = self.vmx.apic.r
             if value is None:
-                return (apic.r[A.APIC_TASKPRI >> 2] >> 4) & 0xF
-            apic.r[A.APIC_TASKPRI >> 2] = (value & 0xF) << 4
+                return (page[A.APIC_TASKPRI >> 2] >> 4) & 0xF
+            page[A.APIC_TASKPRI >> 2] = (value & 0xF) << 4
             self._tpr_virtualized()
             return 0
         if value is None:

@@ -68,7 +68,7 @@ VM_OPTIONS = {
     "tsc_deadline_cpuid": bool, "maxphyaddr": int, "mcg_cap": int, "tsc_khz": int,
     "enable_apicv": bool, "flexpriority": bool, "vector_hashing": bool,
     "min_timer_period_us": int,
-    "lapic_timer_advance": bool,
+    "lapic_timer_advance": bool, "irqchip": ("kernel", "split"), "vm_type": ("default", "tdx"),
 }
 
 # op -> {field: (kind, required)}; kinds: int, bool, reg (register offset), msr, mp_state,
@@ -97,7 +97,16 @@ OPS: dict[str, dict[str, tuple[str, bool]]] = {
     "advance": {"ns": ("int", True)},
     "enable_cap": {"cap": ("cap", True), "args": ("ints", False)},
     "set_or_clear_apicv_inhibit": {"reason": ("str", True), "set": ("bool", True)},
+    # where a vCPU rests between steps (model only): each returns the vCPU's location
+    "enter_guest": {"vcpu": ("vcpu", True), "interrupts": ("bool", False)},
+    "halt": {"vcpu": ("vcpu", True), "interrupts": ("bool", False)},
+    "leave_guest": {"vcpu": ("vcpu", True)},
+    "location": {"vcpu": ("vcpu", True)},
+    "run": {"vcpu": ("vcpu", True)},
 }
+# steps the real-KVM backend cannot take (it never leaves a vCPU resting in KVM_RUN)
+MODEL_ONLY_OPS = frozenset({"enter_guest", "halt", "leave_guest", "location"})
+LOCATIONS = ("host", "guest", "halted")
 COMMON = {"do", "expect", "expect_fault", "expect_errno", "note"}
 VCPU_OPS = {op for op, f in OPS.items() if "vcpu" in f}
 
@@ -277,6 +286,8 @@ def _parse_vm(t: Any, file: str) -> dict[str, Any]:
             if not isinstance(v, list):
                 raise _err(file, None, f"vm.{k}", "expected a list")
             v = [parse_int(x, file, None, f"vm.{k}") for x in v]
+        elif isinstance(kind, tuple) and v not in kind:
+            raise _err(file, None, f"vm.{k}", f"one of {', '.join(map(repr, kind))}")
         out[k] = v
     if out.get("vcpus", 1) < 0 or out.get("vcpus", 1) > 1024:
         raise _err(file, None, "vm.vcpus", "between 0 and 1024")
@@ -352,6 +363,14 @@ def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
         return [parse_int(x, file, i, "expect") for x in v]
     if op == "get_mp_state":
         return parse_int(v, file, i, "expect", MP_STATES)
+    if op in ("enter_guest", "halt", "leave_guest", "location"):
+        if v not in LOCATIONS:
+            raise _err(file, i, "expect", f"one of {', '.join(map(repr, LOCATIONS))}")
+        return v
+    if op == "run":
+        if not isinstance(v, list):
+            raise _err(file, i, "expect", "expected a list of vectors")
+        return [parse_int(x, file, i, "expect") for x in v]
     if op == "set_msr":
         if not isinstance(v, bool):
             raise _err(file, i, "expect", "expected true or false")
@@ -481,6 +500,19 @@ class Runner:
             return vm.enable_cap(a["cap"], *a.get("args", []))
         if op == "set_or_clear_apicv_inhibit":
             return vm.set_or_clear_apicv_inhibit(a["reason"], a["set"])
+        if op == "enter_guest":
+            cpu.enter_guest(a.get("interrupts", True))
+            return cpu.location
+        if op == "halt":
+            cpu.halt(a.get("interrupts", True))
+            return cpu.location
+        if op == "leave_guest":
+            cpu.leave_guest()
+            return cpu.location
+        if op == "location":
+            return cpu.location
+        if op == "run":
+            return cpu.run()
         raise AssertionError(op)
 
     def lapic_page(self, st: Step) -> bytes:

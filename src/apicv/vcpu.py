@@ -46,6 +46,13 @@ from .uapi import (
     MCG_SER_P,
     MP_STATE_NAMES,
 )
+from .vmx.tdx import (
+    TdxVcpu,
+    tdx_has_emulated_msr,
+    tdx_interrupt_allowed,
+    tdx_is_read_only_msr,
+    tdx_protected_apic_has_interrupt,
+)
 from .vmx.vmx import VmxVcpu
 
 if TYPE_CHECKING:
@@ -76,7 +83,13 @@ class Vcpu(GuestMixin):
                               else KVM_MP_STATE_UNINITIALIZED)
         self.apic = LocalApic(self.arch, kvm, vm.clock, vm.vendor_ops())
         self.apic.trace = vm.trace
-        self.vmx = self.apic.vmx = VmxVcpu(self.apic, flexpriority=vm.flexpriority)
+        self.td = kvm.is_td
+        if self.td:
+            # tdx_vcpu_create(): the APIC state belongs to the TDX module
+            self.apic.guest_apic_protected = True
+            self.vmx = self.apic.vmx = TdxVcpu(self.apic)
+        else:
+            self.vmx = self.apic.vmx = VmxVcpu(self.apic, flexpriority=vm.flexpriority)
         self._location = "host"
         # init_vmcs(): the execution controls follow APICv and the APIC mode
         self.apic.ops.refresh_apicv_exec_ctrl(self.apic)
@@ -117,7 +130,20 @@ class Vcpu(GuestMixin):
         return bool(self.arch.apic_base & A.MSR_IA32_APICBASE_BSP)
 
     def kvm_apic_init_sipi_allowed(self) -> bool:
-        return True  # not in SMM (the SMM handler returns at once), no VMX root mode
+        """Not in SMM (the SMM handler returns at once), and INIT not blocked by the vendor:
+        a TD vCPU always blocks INIT/SIPI (vt_apic_init_signal_blocked)."""
+        return not self.td
+
+    def tdx_vcpu_init(self) -> None:
+        """KVM_TDX_INIT_VCPU, the APIC part: x2APIC mode (the TDX module mandates it), the BSP
+        bit for the reset BSP, RUNNABLE; the first vcpu_load clears PID.SN."""
+        base = (A.APIC_DEFAULT_PHYS_BASE | A.MSR_IA32_APICBASE_ENABLE | A.X2APIC_ENABLE
+                | (A.MSR_IA32_APICBASE_BSP if self.vcpu_id == self.vm.kvm.bsp_vcpu_id else 0))
+        with self.vm._vcpu_context(self):
+            if self.apic.kvm_apic_set_base(base, True):
+                raise KvmError(EINVAL, "KVM_TDX_INIT_VCPU", "cannot set the x2APIC base")
+            self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+            self.vmx.pi_desc.sn = False
 
     def kvm_apic_accept_events(self) -> int:
         """Process a pending INIT (vCPU INIT reset) and SIPI (only in INIT_RECEIVED)."""
@@ -258,6 +284,8 @@ class Vcpu(GuestMixin):
         KVM from injecting interrupts and inhibits APICv while any vCPU has it
         (kvm_arch_vcpu_guestdbg_update_apicv_inhibit)."""
         with self.vm._vcpu_context(self):
+            if self.td:
+                raise KvmError(EINVAL, "KVM_SET_GUEST_DEBUG", "guest state is protected")
             self.arch.guest_debug_blockirq = bool(enable and blockirq)
             blocked = any(v.arch.guest_debug_blockirq for v in self.vm.vcpus)
             self.vm.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.BLOCKIRQ, blocked)
@@ -271,6 +299,8 @@ class Vcpu(GuestMixin):
     # ------------------------------------------------------------------ MSR dispatch
     def _read_msr(self, index: int, host: bool) -> int | None:
         apic = self.apic
+        if self.td and not tdx_has_emulated_msr(index):
+            return None  # tdx_get_msr()
         if index == A.MSR_IA32_APICBASE:
             return self.arch.apic_base
         if A.APIC_BASE_MSR <= index <= A.APIC_BASE_MSR + 0xFF:
@@ -283,6 +313,8 @@ class Vcpu(GuestMixin):
 
     def _write_msr(self, index: int, value: int, host: bool) -> bool:
         apic = self.apic
+        if self.td and (tdx_is_read_only_msr(index) or not tdx_has_emulated_msr(index)):
+            return False  # tdx_set_msr()
         if index == A.MSR_IA32_APICBASE:
             return apic.kvm_apic_set_base(value, host) == 0
         if A.APIC_BASE_MSR <= index <= A.APIC_BASE_MSR + 0xFF:
@@ -302,6 +334,9 @@ class Vcpu(GuestMixin):
     def _run_until_guest(self) -> None:
         """kvm_arch_vcpu_ioctl_run / vcpu_run until the vCPU enters the guest."""
         arch = self.arch
+        if arch.mp_state == KVM_MP_STATE_INIT_RECEIVED and not self.kvm_apic_init_sipi_allowed():
+            # kvm_arch_vcpu_ioctl_run(): wait-for-SIPI with INIT/SIPI blocked is refused
+            raise KvmError(EINVAL, "KVM_RUN", "vCPU in INIT_RECEIVED while INIT/SIPI is blocked")
         if arch.mp_state == KVM_MP_STATE_UNINITIALIZED:
             # KVM_RUN blocks until an event, runs accept_events and returns -EAGAIN; the
             # agent's driver runs again.
@@ -345,10 +380,23 @@ class Vcpu(GuestMixin):
             return True
         if arch.requests & KVM_REQ_SMI or self.smi_pending:
             return True
-        return self.rflags_if and self.kvm_cpu_has_interrupt()
+        return self.kvm_arch_interrupt_allowed() and self.kvm_cpu_has_interrupt()
+
+    def kvm_arch_interrupt_allowed(self) -> bool:
+        """RFLAGS.IF (the model's guest has no other interrupt shadow at these points); for a
+        TD, tdx_interrupt_allowed() (KVM cannot read RFLAGS)."""
+        if self.td:
+            return tdx_interrupt_allowed(self)
+        return self.rflags_if
 
     def kvm_cpu_has_interrupt(self) -> bool:
-        return self.vm.kvm_cpu_has_extint(self) or self.apic.kvm_apic_has_interrupt() != -1
+        """kvm_cpu_has_interrupt(); a protected APIC answers through
+        tdx_protected_apic_has_interrupt()."""
+        if self.vm.kvm_cpu_has_extint(self):
+            return True
+        if self.apic.guest_apic_protected:
+            return tdx_protected_apic_has_interrupt(self)
+        return self.apic.kvm_apic_has_interrupt() != -1
 
     def kvm_cpu_has_injectable_intr(self) -> bool:
         if self.vm.kvm_cpu_has_extint(self):
@@ -442,6 +490,9 @@ class Vcpu(GuestMixin):
                     tr.kvm_inj_nmi()
                 can_inject = False
                 injected = NMI_VECTOR
+                if self.td:
+                    # tdx_inject_nmi(): TD_VCPU_PEND_NMI holds one NMI; extra ones collapse
+                    self.nmi_pending = 0
             if self.nmi_pending:
                 self.nmi_window_requested = True
         if self.kvm_cpu_has_injectable_intr():

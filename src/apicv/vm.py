@@ -29,9 +29,22 @@ from .kvm_host import (
 from .lapic import VendorOps
 from .trace import VM_CONTEXT, Tracer
 from .vcpu import Vcpu
+from .vmx.tdx import TdxOps
 from .vmx.vmx import VmxOps
 
 _VMX_OPS = VmxOps()
+_TDX_OPS = TdxOps()
+
+
+def _vm_type(vm_type: str | int) -> int:
+    if isinstance(vm_type, str):
+        if vm_type.lower() not in U.VM_TYPE_NAMES:
+            raise ValueError(f"vm_type must be one of {', '.join(U.VM_TYPE_NAMES)}")
+        return U.VM_TYPE_NAMES[vm_type.lower()]
+    if vm_type not in U.VM_TYPE_NAMES.values():
+        # KVM_CREATE_VM: types outside kvm_caps.supported_vm_types (SEV, SNP, ...)
+        raise KvmError(U.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} is not supported")
+    return vm_type
 
 KVM_MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS on these hosts
 KVM_MAX_VCPU_IDS = 4096  # KVM_CAP_MAX_VCPU_ID
@@ -53,7 +66,9 @@ class Vm:
     ``mcg_cap``, ``supported_mce_cap``, ``tsc_khz``, ``smm`` (CONFIG_KVM_SMM), the module
     parameters ``enable_apicv``, ``vector_hashing``, ``min_timer_period_us``,
     ``lapic_timer_advance``; ``vcpu_ids`` to choose the IDs;
-    ``trace=True`` to record a trace.
+    ``trace=True`` to record a trace. ``vm_type="tdx"`` (KVM_X86_TDX_VM, with
+    ``irqchip="split"``) makes a trust domain whose APIC state is protected (see
+    :mod:`apicv.vmx.tdx`); each vCPU is created and initialized (KVM_TDX_INIT_VCPU).
     """
 
     def __new__(cls, *args, backend: str = "model", **kwargs):
@@ -74,7 +89,8 @@ class Vm:
                  vector_hashing: bool = True,
                  min_timer_period_us: int = 200, lapic_timer_advance: bool = True,
                  irqchip: str = "kernel", supported_mce_cap: int | None = None,
-                 smm: bool = True, trace: bool | Tracer = False) -> None:
+                 smm: bool = True, vm_type: str | int = "default",
+                 trace: bool | Tracer = False) -> None:
         from .vcpu import KVM_MCE_CAP_SUPPORTED
 
         self.backend = "model"
@@ -85,11 +101,21 @@ class Vm:
         self.clock.after_fire = self._after_timer
         if enable_apicv and not flexpriority:
             raise ValueError("enable_apicv needs flexpriority (virtualized APIC accesses)")
+        vm_type = _vm_type(vm_type)
+        if vm_type == U.KVM_X86_TDX_VM and not enable_apicv:
+            # tdx_bringup(): "APICv is required for TDX" -- no TDX, so no such VM type
+            raise KvmError(U.EINVAL, "KVM_CREATE_VM", "TDX VMs need enable_apicv")
         self.flexpriority = flexpriority
         self.kvm = KvmArch(enable_apicv=enable_apicv, vector_hashing=vector_hashing,
                            flexpriority=flexpriority,
                            min_timer_period_us=min_timer_period_us,
-                           lapic_timer_advance=lapic_timer_advance, smm=smm)
+                           lapic_timer_advance=lapic_timer_advance, smm=smm,
+                           vm_type=vm_type)
+        if vm_type == U.KVM_X86_TDX_VM:
+            # tdx_vm_init(): protected state, protected EOIs; SMM is not available to a TD
+            self.kvm.has_protected_state = True
+            self.kvm.has_protected_eoi = True
+            self.kvm.smm = False
         self.x2apic_cpuid = x2apic_cpuid
         self.tsc_deadline_cpuid = tsc_deadline_cpuid
         self.maxphyaddr = maxphyaddr
@@ -109,6 +135,10 @@ class Vm:
         # KVM_CREATE_IRQCHIP / KVM_CAP_SPLIT_IRQCHIP
         if irqchip not in ("kernel", "split"):
             raise ValueError("irqchip must be 'kernel' or 'split'")
+        if irqchip == "kernel" and self.kvm.has_protected_eoi:
+            # KVM_CREATE_IRQCHIP: no in-kernel IOAPIC when KVM cannot intercept EOIs
+            raise KvmError(U.ENOTTY, "KVM_CREATE_IRQCHIP",
+                           "EOIs are protected (TDX): use irqchip='split'")
         self.kvm.irqchip_mode = irqchip
         self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.ABSENT, False)
         if apic_bus_cycle_ns != 1:
@@ -135,10 +165,16 @@ class Vm:
         # kvm_arch_vcpu_create() resets the vCPU (kvm_lapic_reset recalculates the map) before
         # the vCPU is online, and nothing recalculates it afterwards: the newest vCPU is not in
         # the optimized map until something marks the map dirty again.
+        if self.kvm.is_td and not self.kvm.irqchip_split:
+            # tdx_vcpu_create(): the TDX module mandates APICv, and the IOAPIC cannot be
+            # emulated without EOI exits
+            raise KvmError(U.EINVAL, "KVM_CREATE_VCPU", "a TD vCPU needs a split irqchip")
         vcpu = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(vcpu)
         self._by_id[vcpu_id] = vcpu
         self.router.apics.append(vcpu.apic)
+        if self.kvm.is_td:
+            vcpu.tdx_vcpu_init()
         return vcpu
 
     def vcpu(self, vcpu_id: int) -> Vcpu:
@@ -270,7 +306,12 @@ class Vm:
             tr.timeline.append((self.clock.now, vcpu.vcpu_id, "apicv", int(activate)))
 
     def vendor_ops(self) -> VendorOps:
-        return _VMX_OPS
+        return _TDX_OPS if self.kvm.is_td else _VMX_OPS
+
+    @property
+    def vm_type(self) -> int:
+        """The KVM_CREATE_VM machine type (0 default, 5 KVM_X86_TDX_VM)."""
+        return self.kvm.vm_type
 
     def _service_kicks(self) -> None:
         """Deliver what was sent to vCPUs resting in guest mode or HLT (their kick IPIs and
@@ -374,6 +415,8 @@ class Vm:
     # ------------------------------------------------------------------ plumbing
     @contextmanager
     def _vcpu_context(self, vcpu: Vcpu, service: bool = True):
+        if self.kvm.vm_bugged:
+            raise KvmError(U.EIO, "vCPU ioctl", "the VM is dead (KVM_BUG_ON fired)")
         if service:
             # a vCPU ioctl needs vcpu->mutex: the VMM takes the vCPU out of KVM_RUN first
             vcpu._stop_guest()

@@ -350,13 +350,29 @@ class KvmVm:
                  vector_hashing: bool | None = None,
                  min_timer_period_us: int | None = None,
                  lapic_timer_advance: bool | None = None,
-                 irqchip: str = "kernel", trace=False) -> None:
+                 irqchip: str = "kernel", vm_type: str | int = "default",
+                 trace=False) -> None:
         self._kvm_fd = -1
         self._vm_fd = -1
         self._mems: list[mmap.mmap] = []
         self.vcpus: list[KvmVcpu] = []
         self._by_id: dict[int, KvmVcpu] = {}
         self._closed = False
+        if isinstance(vm_type, str):
+            from ..uapi import VM_TYPE_NAMES
+
+            if vm_type.lower() not in VM_TYPE_NAMES:
+                raise ValueError(f"vm_type must be one of {', '.join(VM_TYPE_NAMES)}")
+            vm_type = VM_TYPE_NAMES[vm_type.lower()]
+        if vm_type:
+            # ask the real KVM: a host without that VM type fails KVM_CREATE_VM (EINVAL)
+            kfd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.close(_ioctl(kfd, K.KVM_CREATE_VM, vm_type))
+            finally:
+                os.close(kfd)
+            raise NotImplementedError(f"VM type {vm_type} (confidential VMs: KVM_TDX_INIT_VM, "
+                                      "...) is not implemented by the KVM backend")
         if irqchip == "split":
             raise NotImplementedError("irqchip='split' (KVM_CAP_SPLIT_IRQCHIP) is not "
                                       "implemented by the KVM backend yet")

@@ -28,6 +28,7 @@ EXIT_REASONS = {
     "EXTERNAL_INTERRUPT": 1, "INTERRUPT_WINDOW": 7, "NMI_WINDOW": 8, "HLT": 12,
     "CR_ACCESS": 28, "MSR_READ": 31, "MSR_WRITE": 32, "TPR_BELOW_THRESHOLD": 43,
     "APIC_ACCESS": 44, "EOI_INDUCED": 45, "EPT_MISCONFIG": 49, "APIC_WRITE": 56,
+    "TDCALL": 77,
 }
 
 # page offsets (dword 0 of the 16-byte slot) whose reads/writes are virtualized with
@@ -226,16 +227,20 @@ class VmxOps(VendorOps):
         """Set PIR[vector] and ON; notify the vCPU (0 on success, -1 when APICv is off)."""
         if not apic.apicv_active:
             return -1
+        self._vmx_deliver_posted_interrupt(apic, vector)
+        return 0
+
+    def _vmx_deliver_posted_interrupt(self, apic: LocalApic, vector: int) -> None:
+        """__vmx_deliver_posted_interrupt() (vmx/common.h): PIR, ON, notification."""
         pi = apic.vmx.pi_desc
         tr = apic.trace
         if tr is not None:
             tr.timeline.append((apic.clock.now, apic.vcpu_id, "pir", vector))
         if pi.pi_test_and_set_pir(vector):
-            return 0
+            return
         if pi.pi_test_and_set_on():
-            return 0
+            return
         self.kvm_vcpu_trigger_posted_interrupt(apic, POSTED_INTR_VECTOR)
-        return 0
 
     def kvm_vcpu_trigger_posted_interrupt(self, apic: LocalApic, pi_vec: int) -> None:
         arch = apic.arch
