@@ -398,8 +398,11 @@ class Outcome:
     value: Any = None
     error: ApicvError | None = None
     failure: str | None = None
+    skipped: str | None = None  # not run on this backend (and the run stops here)
 
     def result_text(self) -> str:
+        if self.skipped is not None:
+            return "not run"
         if self.error is not None:
             if isinstance(self.error, GuestFault):
                 return f"guest fault vector {self.error.vector}"
@@ -562,7 +565,15 @@ class Runner:
         return None
 
     def run(self) -> Iterator[Outcome]:
+        """Every step's outcome; on a backend that cannot take a model-only step (a vCPU
+        resting in guest mode or HLT), that step is reported as skipped and the run ends."""
+        model = getattr(self.vm, "backend", "model") == "model"
         for st in self.sc.steps:
+            if not model and st.op in MODEL_ONLY_OPS:
+                yield Outcome(st, skipped=f"{st.op} is model-only: the {self.vm.backend} "
+                                          "backend never leaves a vCPU resting in KVM_RUN; "
+                                          "the run stops here")
+                return
             yield self.step(st)
 
 
