@@ -86,7 +86,7 @@ def scenarios(max_steps: int):
                 "msi", "msi", "msi", "take", "take", "take", "ipi_x", "ipi_x", "ipi_x2",
                 "spiv", "tpr", "reg_write", "reg_read", "reg_read", "ldr_dfr", "base",
                 "x2apic", "eoi", "set_lapic", "get_lapic", "mp_state", "nmi", "timer",
-                "cr8", "self_ipi", "msr_read", "id",
+                "cr8", "self_ipi", "msr_read", "id", "inhibit",
             ]))
             c = d(cpu)
             if kind == "msi":
@@ -197,6 +197,11 @@ def scenarios(max_steps: int):
                      "HALTED", "STOPPED"]))}
             if kind == "nmi":
                 return {"do": "nmi", "vcpu": c}
+            if kind == "inhibit":
+                # a no-op on a host without APICv; with --model-apicv the model's APICv is
+                # toggled and must stay invisible to the guest
+                return {"do": "set_or_clear_apicv_inhibit", "reason": "HYPERV",
+                        "set": d(st.booleans())}
             if kind == "timer":
                 which = d(st.sampled_from(["tmict_now", "tmict_far", "lvtt", "tdcr", "deadline"]))
                 if which == "tmict_now":

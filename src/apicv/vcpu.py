@@ -514,6 +514,26 @@ class Vcpu(GuestMixin):
         return self.arch.mp_state
 
     @property
+    def apicv_active(self) -> bool:
+        """kvm_vcpu_apicv_active(): APICv is active on this vCPU."""
+        return self.apic.apicv_active
+
+    @property
+    def pi_desc(self):
+        """The posted-interrupt descriptor (struct pi_desc: PIR, ON, SN, NV, NDST)."""
+        return self.vmx.pi_desc
+
+    @property
+    def exit_counts(self):
+        """VM exits so far by VMX basic exit reason name (a Counter; clear() to reset)."""
+        return self.vmx.exit_counts
+
+    @property
+    def guest_intr_status(self) -> int:
+        """GUEST_INTR_STATUS: RVI in bits 7:0, SVI in bits 15:8."""
+        return self.vmx.guest_intr_status
+
+    @property
     def pending_requests(self) -> list[str]:
         return request_names(self.arch.requests)
 

@@ -599,8 +599,13 @@ class KvmVm:
         return None
 
     def set_or_clear_apicv_inhibit(self, reason, set_: bool) -> None:
-        raise NotImplementedError("APICv inhibits are internal to KVM: userspace cannot set "
-                                  "or clear them")
+        """APICv inhibits are internal to KVM. On a host without APICv (enable_apicv=0, as
+        here) an inhibit changes nothing, so this does nothing; with APICv it cannot be done
+        from userspace and raises ApicvError."""
+        if not self.host_parameters.get("enable_apicv"):
+            return None
+        raise ApicvError("APICv inhibits are internal to KVM: userspace cannot set or clear "
+                         "them on a host with APICv")
 
     def enable_tracing(self, limit: int | None = None) -> None:
         """No tracing on the real backend (KVM's own tracepoints are not read): None."""
@@ -678,6 +683,17 @@ class KvmVcpu:
         mem[self._area:self._area + PERCPU_SIZE] = bytes(PERCPU_SIZE)
         self._put32(MB_IDLE_MAX, IDLE_MAX)
         self._put32(MB_ITER_MAX, ITER_MAX)
+
+    @property
+    def apicv_active(self) -> bool:
+        """Whether KVM runs this vCPU with APICv: only if the host's kvm_intel has it (never
+        on these machines); KVM does not report the per-vCPU state."""
+        return bool(self.vm.host_parameters.get("enable_apicv"))
+
+    @property
+    def location(self) -> str:
+        """Between calls the real backend's vCPUs are always out of KVM_RUN."""
+        return "host"
 
     def _close(self) -> None:
         self._run = None
