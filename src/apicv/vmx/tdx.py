@@ -185,6 +185,10 @@ class TdxOps(VmxOps):
                            "KVM_BUG_ON: APICv deactivated on a TD vCPU (an inhibit was set); "
                            "the VM is dead")
 
+    tdx_deliver_interrupt = deliver_interrupt
+    vt_sync_pir_to_irr = sync_pir_to_irr
+    vt_refresh_apicv_exec_ctrl = refresh_apicv_exec_ctrl
+
 
 def tdx_protected_apic_has_interrupt(vcpu: Vcpu) -> bool:
     """tdx_protected_apic_has_interrupt(): a posted interrupt pending in the descriptor, or --

@@ -299,3 +299,13 @@ class VmxOps(VendorOps):
     def load_eoi_exitmap(self, apic: LocalApic, bitmap: int) -> None:
         if apic.apicv_active:
             apic.vmx.eoi_exit_bitmap = bitmap
+
+    # KVM's own names for these kvm_x86_ops (vmx/main.c wires them up)
+    vmx_deliver_interrupt = deliver_interrupt
+    vmx_sync_pir_to_irr = sync_pir_to_irr
+    vmx_hwapic_isr_update = hwapic_isr_update
+    vmx_apicv_pre_state_restore = apicv_pre_state_restore
+    vmx_update_cr8_intercept = update_cr8_intercept
+    vmx_set_virtual_apic_mode = set_virtual_apic_mode
+    vmx_refresh_apicv_exec_ctrl = refresh_apicv_exec_ctrl
+    vmx_load_eoi_exitmap = load_eoi_exitmap
