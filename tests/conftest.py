@@ -44,3 +44,14 @@ def msi(dest: int, vector: int, *, dm: int = 0, logical: bool = False, level: bo
 @pytest.fixture
 def vm2():
     return make_vm(2)
+
+
+def place(cpu, where: str, interrupts: bool) -> str:
+    """Put a vCPU where a property test asks: "guest" (enter_guest), "halt" or "host"."""
+    if where == "guest":
+        cpu.enter_guest(interrupts)
+    elif where == "halt":
+        cpu.halt(interrupts)
+    else:
+        cpu.leave_guest()
+    return cpu.location

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+from conftest import place
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -160,14 +161,7 @@ def _run(config: str, nr: int, x2: list[bool], ops) -> list:
                 r = None
             elif kind == "where":
                 _, c, where, iflag = op
-                cpu = vm.vcpus[c]
-                if where == "guest":
-                    cpu.enter_guest(iflag)
-                elif where == "halt":
-                    cpu.halt(iflag)
-                else:
-                    cpu.leave_guest()
-                r = cpu.location
+                r = place(vm.vcpus[c], where, iflag)
             elif kind == "timer":
                 _, c, lvtt, tmict = op
                 reg_write(vm.vcpus[c], A.APIC_LVTT, lvtt)

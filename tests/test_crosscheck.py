@@ -66,6 +66,10 @@ def test_demo_agrees_with_real_kvm():
 
 def test_fixed_seed_fuzz_300_cases(tmp_path):
     """300 random scenarios (hypothesis, fixed seed) agree with the real KVM."""
+    _fuzz(tmp_path, seed=2026, count=300)
+
+
+def _fuzz(tmp_path, seed: int, count: int, model_apicv: bool = False) -> None:
     from apicv.fuzz import fuzz
 
     out = tmp_path / "disagreement.toml"
@@ -75,11 +79,11 @@ def test_fixed_seed_fuzz_300_cases(tmp_path):
         def print(self, text: str = "", style=None) -> None:
             lines.append(text)
 
-    status = fuzz(seed=2026, count=300, max_steps=20, out_path=str(out), out=Sink(),
-                  quiet=True)
+    status = fuzz(seed=seed, count=count, max_steps=20, out_path=str(out), out=Sink(),
+                  quiet=True, model_apicv=model_apicv)
     report = "\n".join(lines)
     assert status == 0, report + ("\n" + out.read_text() if out.exists() else "")
-    assert "300 cases" in report
+    assert f"{count} cases" in report
 
 
 def test_real_kvm_state_loads_into_model_and_back():
@@ -172,17 +176,4 @@ vcpu = 0
 
 def test_fixed_seed_fuzz_with_model_apicv(tmp_path):
     """200 random scenarios with the model's APICv on agree with the real KVM."""
-    from apicv.fuzz import fuzz
-
-    out = tmp_path / "disagreement.toml"
-    lines: list[str] = []
-
-    class Sink:
-        def print(self, text: str = "", style=None) -> None:
-            lines.append(text)
-
-    status = fuzz(seed=2027, count=200, max_steps=20, out_path=str(out), out=Sink(),
-                  quiet=True, model_apicv=True)
-    report = "\n".join(lines)
-    assert status == 0, report + ("\n" + out.read_text() if out.exists() else "")
-    assert "200 cases" in report
+    _fuzz(tmp_path, seed=2027, count=200, model_apicv=True)

@@ -8,7 +8,7 @@ import errno
 import os
 
 import pytest
-from conftest import msi
+from conftest import msi, place
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -377,14 +377,7 @@ def _td_run(kind: str, nr: int, ops) -> list:
                 r = None
             elif kind_ == "where":
                 _, c, where, iflag = op
-                cpu = vm.vcpus[c]
-                if where == "guest":
-                    cpu.enter_guest(iflag)
-                elif where == "halt":
-                    cpu.halt(iflag)
-                else:
-                    cpu.leave_guest()
-                r = cpu.location
+                r = place(vm.vcpus[c], where, iflag)
             elif kind_ == "read":
                 r = vm.vcpus[op[1]].rdmsr(op[2])
             elif kind_ == "timer":

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from .. import apicdef as A
 from ..errors import KvmError
+from ..lapic import VendorOps
 from ..uapi import EIO
 from .pi_desc import POSTED_INTR_VECTOR
 from .vmx import VmxOps, VmxVcpu
@@ -159,23 +160,13 @@ class TdxOps(VmxOps):
         """vt_sync_pir_to_irr(): -1 for a TD (PIR is the TDX module's to process)."""
         return -1
 
-    def hwapic_irr_update(self, apic: LocalApic, max_irr: int) -> None:
-        pass
-
-    def hwapic_isr_update(self, apic: LocalApic, max_isr: int) -> None:
-        pass
-
-    def apicv_pre_state_restore(self, apic: LocalApic) -> None:
-        pass
-
-    def update_cr8_intercept(self, apic: LocalApic, tpr: int, max_irr: int) -> None:
-        pass
-
-    def set_virtual_apic_mode(self, apic: LocalApic) -> None:
-        pass
-
-    def load_eoi_exitmap(self, apic: LocalApic, bitmap: int) -> None:
-        pass
+    # the TDX module owns the virtual-APIC page and the VMCS APIC controls: nothing to do
+    hwapic_irr_update = VendorOps.hwapic_irr_update
+    hwapic_isr_update = VendorOps.hwapic_isr_update
+    apicv_pre_state_restore = VendorOps.apicv_pre_state_restore
+    update_cr8_intercept = VendorOps.update_cr8_intercept
+    set_virtual_apic_mode = VendorOps.set_virtual_apic_mode
+    load_eoi_exitmap = VendorOps.load_eoi_exitmap
 
     def refresh_apicv_exec_ctrl(self, apic: LocalApic) -> None:
         """vt_refresh_apicv_exec_ctrl(): KVM_BUG_ON(!kvm_vcpu_apicv_active(vcpu))."""
