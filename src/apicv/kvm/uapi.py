@@ -9,6 +9,18 @@ from __future__ import annotations
 
 import ctypes
 
+# the constants the model shares with this backend are defined once, in apicv.uapi
+from ..uapi import (  # noqa: F401  (re-exported: K.KVM_CAP_*, K.KVM_APIC_REG_SIZE)
+    KVM_APIC_REG_SIZE,
+    KVM_CAP_DISABLE_QUIRKS2,
+    KVM_CAP_IRQCHIP,
+    KVM_CAP_SET_BOOT_CPU_ID,
+    KVM_CAP_SPLIT_IRQCHIP,
+    KVM_CAP_X2APIC_API,
+    KVM_CAP_X86_APIC_BUS_CYCLES_NS,
+    KVM_CAP_X86_SMM,
+)
+
 # ---------------------------------------------------------------- asm-generic/ioctl.h
 _IOC_NRBITS = 8
 _IOC_TYPEBITS = 8
@@ -193,7 +205,6 @@ class kvm_vapic_addr(_Struct):
 
 # ---------------------------------------------------------------- asm/kvm.h (x86)
 KVM_NR_INTERRUPTS = 256
-KVM_APIC_REG_SIZE = 0x400
 
 
 class kvm_regs(_Struct):
@@ -441,19 +452,12 @@ KVM_INTERNAL_ERROR_DELIVERY_EV = 3
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 
 # ---------------------------------------------------------------- capabilities
-KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
-KVM_CAP_SET_BOOT_CPU_ID = 34
 KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_TSC_CONTROL = 60
 KVM_CAP_GET_TSC_KHZ = 61
-KVM_CAP_X86_SMM = 117
-KVM_CAP_SPLIT_IRQCHIP = 121
-KVM_CAP_X2APIC_API = 129
 KVM_CAP_IMMEDIATE_EXIT = 136
-KVM_CAP_DISABLE_QUIRKS2 = 213
 KVM_CAP_VM_TSC_CONTROL = 214
-KVM_CAP_X86_APIC_BUS_CYCLES_NS = 237
 
 # ---------------------------------------------------------------- ioctl numbers
 # system (/dev/kvm)
