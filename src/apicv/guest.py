@@ -113,11 +113,8 @@ class GuestMixin:
         """KVM_RUN, and the guest idles in guest mode with RFLAGS.IF = *interrupts* until the
         next operation on this vCPU takes it out. Interrupts sent meanwhile are delivered as
         they arrive."""
-        self._stop_guest()
         with self.vm._vcpu_context(self):
-            self.arch.wants_to_run = True
-            self._run_until_guest()
-            self._entry()
+            self._begin_run()
             self.rflags_if = interrupts
             self._idle()
             self._location = "guest"
@@ -127,11 +124,8 @@ class GuestMixin:
         """KVM_RUN; the guest executes [STI;] HLT. KVM blocks the vCPU (mp_state HALTED) unless
         an event wakes it at once; a wake-up delivers the interrupt and leaves the vCPU in
         guest mode."""
-        self._stop_guest()
         with self.vm._vcpu_context(self):
-            self.arch.wants_to_run = True
-            self._run_until_guest()
-            self._entry()
+            self._begin_run()
             # STI blocks interrupts for one instruction: the HLT, which exits (HLT exiting)
             self.rflags_if = interrupts
             if self.td:
@@ -166,24 +160,27 @@ class GuestMixin:
 
     # ------------------------------------------------------------------ KVM_RUN
     def _kvm_run(self, work) -> None:
-        """One KVM_RUN whose guest does *work* and then exits to userspace."""
-        self._stop_guest()
+        """One KVM_RUN whose guest does *work* and then exits to userspace. (The vCPU
+        context takes a vCPU resting in guest mode or HLT out of its KVM_RUN first.)"""
         arch = self.arch
         with self.vm._vcpu_context(self):
-            arch.wants_to_run = True
             try:
-                self._run_until_guest()
-                self._entry()
-                if self.rflags_if:
-                    # woken from STI;HLT: the guest takes what is pending, then its next
-                    # operation starts with CLI
-                    self._idle()
-                    self.rflags_if = False
+                self._begin_run()
                 work()
             finally:
                 arch.in_guest_mode = False  # the agent's OUT
                 arch.wants_to_run = False
         self.vm._service_kicks()
+
+    def _begin_run(self) -> None:
+        """KVM_RUN up to the guest's next instruction: block while HALTED, enter; a guest woken
+        from STI;HLT takes what is pending, then its next operation starts with CLI."""
+        self.arch.wants_to_run = True
+        self._run_until_guest()
+        self._entry()
+        if self.rflags_if:
+            self._idle()
+            self.rflags_if = False
 
     def _vm_exit(self, reason: str | None) -> None:
         """A VM exit (counted unless it is the agent's own hand-back)."""
