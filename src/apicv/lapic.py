@@ -109,7 +109,7 @@ class VendorOps:
     inactive. :mod:`apicv.vmx` supplies the APICv-active behaviour."""
 
     def deliver_interrupt(self, apic: LocalApic, dm: int, trig: int, vector: int) -> None:
-        # vmx_deliver_interrupt() when posting fails (APICv inactive)
+        """vmx_deliver_interrupt() when posting fails (APICv inactive): IRR, event, kick."""
         apic.kvm_lapic_set_irr(vector)
         apic.arch.requests |= KVM_REQ_EVENT
         apic.kvm_vcpu_kick()
@@ -503,15 +503,7 @@ class LocalApic(LapicTimerMixin):
                 self.tmr |= bit
             elif self.tmr & bit:
                 self.tmr &= ~bit
-            if self.apicv_active:
-                self.ops.deliver_interrupt(self, delivery_mode, trig_mode, vector)
-            else:
-                # vmx_deliver_interrupt(): posting fails, so kvm_lapic_set_irr + event + kick
-                self.irr |= bit
-                self.irr_pending = True
-                arch.requests |= KVM_REQ_EVENT
-                if arch.in_guest_mode or arch.blocked:
-                    self.kvm_vcpu_kick()
+            self.ops.deliver_interrupt(self, delivery_mode, trig_mode, vector)
             return 1
         if delivery_mode == A.APIC_DM_NMI:
             # kvm_inject_nmi()

@@ -213,11 +213,9 @@ class VmxOps(VendorOps):
     """kvm_x86_ops for VMX (vmx.c, posted_intr.c) with enable_apicv=1."""
 
     def deliver_interrupt(self, apic: LocalApic, dm: int, trig: int, vector: int) -> None:
-        """vmx_deliver_interrupt()."""
+        """vmx_deliver_interrupt(): post it; if APICv is inactive, the IRR path."""
         if self.vmx_deliver_posted_interrupt(apic, vector):
-            apic.kvm_lapic_set_irr(vector)
-            apic.arch.requests |= KVM_REQ_EVENT
-            apic.kvm_vcpu_kick()
+            super().deliver_interrupt(apic, dm, trig, vector)
         else:
             tr = apic.trace
             if tr is not None:
