@@ -441,3 +441,17 @@ def _spurious_td_wakeup(x, y) -> bool:
     diffs = [(p, q) for p, q in zip(x[2], y[2], strict=True) if p != q]
     return bool(diffs) and all(p[0] == "halted" and q[0] == "guest" and p[1] == q[1]
                                for p, q in diffs)
+
+
+def test_td_tracing_enabled_later_sees_the_td_page():
+    """Tracing turned on after the TD exists still records what the CPU does on the TD's own
+    page (the posted interrupt and the virtual-interrupt delivery that takes it), and
+    tdx_deliver_interrupt traces kvm_apicv_accept_irq."""
+    vm = td(1)
+    cpu = vm.vcpus[0]
+    tr = vm.enable_tracing()
+    vm.signal_msi(*msi(0, 0x41))
+    assert cpu.take_interrupts() == [0x41]
+    kinds = [e[2] for e in tr.timeline]
+    assert "pir" in kinds and "vid" in kinds
+    assert any("kvm_apicv_accept_irq: apicid 0 vec 65" in line for line in tr.lines())

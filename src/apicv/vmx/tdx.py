@@ -33,7 +33,6 @@ from .pi_desc import POSTED_INTR_VECTOR
 from .vmx import VmxOps, VmxVcpu
 
 if TYPE_CHECKING:
-    from ..clock import Clock
     from ..lapic import LocalApic
     from ..vcpu import Vcpu
 
@@ -64,12 +63,12 @@ class TdVirtualApic:
     """The TD's virtual-APIC page, owned by the TDX module (KVM never sees it): VTPR, VPPR,
     VEOI, vISR/vTMR/vIRR. It offers the parts of a LocalApic the CPU model uses."""
 
-    __slots__ = ("vcpu_id", "clock", "trace", "page", "r", "irr", "isr", "tmr")
+    __slots__ = ("vcpu_id", "clock", "_kvm_apic", "page", "r", "irr", "isr", "tmr")
 
-    def __init__(self, vcpu_id: int, clock: Clock) -> None:
-        self.vcpu_id = vcpu_id
-        self.clock = clock
-        self.trace = None
+    def __init__(self, kvm_apic: LocalApic) -> None:
+        self.vcpu_id = kvm_apic.vcpu_id
+        self.clock = kvm_apic.clock
+        self._kvm_apic = kvm_apic
         self.page = bytearray(4096)
         self.r = memoryview(self.page).cast("I")
         self.irr = 0
@@ -82,12 +81,9 @@ class TdVirtualApic:
         return (vec >> (32 * (idx >> 4))) & _U32
 
     @property
-    def tpr(self) -> int:
-        return self.r[A.APIC_TASKPRI >> 2] & 0xFF
-
-    @property
-    def ppr(self) -> int:
-        return self.r[A.APIC_PROCPRI >> 2] & 0xFF
+    def trace(self):
+        """The vCPU's tracer (the same one its KVM LAPIC uses, also when enabled later)."""
+        return self._kvm_apic.trace
 
     def state(self) -> bytes:
         """The page as a 1024-byte kvm_lapic_state (for ``apicv state decode``): what
@@ -104,12 +100,10 @@ class TdxVcpu(VmxVcpu):
     """A TD vCPU's APIC virtualization: always APICv (VID, x2APIC virtualization, posted
     interrupts), on the TD's own page, with the TDX module's view of the last TD exit."""
 
-    __slots__ = ("kvm_apic", "hlt_exit", "hlt_irq_blocked")
+    __slots__ = ("hlt_exit", "hlt_irq_blocked")
 
     def __init__(self, kvm_apic: LocalApic) -> None:
-        super().__init__(TdVirtualApic(kvm_apic.vcpu_id, kvm_apic.clock), flexpriority=True)
-        self.kvm_apic = kvm_apic
-        self.apic.trace = kvm_apic.trace
+        super().__init__(TdVirtualApic(kvm_apic), flexpriority=True)
         # tdx_vcpu_create(): NV = POSTED_INTR_VECTOR and SN set until the vCPU is loaded
         self.pi_desc.nv = POSTED_INTR_VECTOR
         self.pi_desc.sn = True
