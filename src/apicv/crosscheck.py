@@ -447,11 +447,7 @@ def _periodic_race(rep: StepReport, mvm) -> tuple[int, int] | None:
 
 def _sw_rejects_read(apic, offset: int, size: int) -> bool:
     """Would KVM's kvm_lapic_reg_read reject this xAPIC read (no APICv)?"""
-    if not apic.hw_enabled or apic.x2apic:
-        return False
-    if (offset & 0xF) + size > 4 or offset > 0x3F0:
-        return True
-    return not (apic.kvm_lapic_readable_reg_mask() >> (offset >> 4)) & 1
+    return apic.hw_enabled and not apic.x2apic and apic.kvm_lapic_reg_read_rejected(offset, size)
 
 
 def guest_ppr(page: LapicState) -> int:

@@ -596,14 +596,19 @@ class LocalApic(LapicTimerMixin):
     def kvm_lapic_readable_reg_mask(self) -> int:
         return readable_reg_mask(self.x2apic, self.nr_lvt_entries)
 
+    def kvm_lapic_reg_read_rejected(self, offset: int, length: int) -> bool:
+        """kvm_lapic_reg_read()'s checks before it reads: misaligned/too wide, past 0x3F0, or
+        not in kvm_lapic_readable_reg_mask()."""
+        if (offset & 0xF) + length > 4 or offset > 0x3F0:
+            return True
+        return not (self.kvm_lapic_readable_reg_mask() >> (offset >> 4)) & 1
+
     def kvm_lapic_reg_read(self, offset: int, length: int) -> int | None:
         """Returns the value, or None where KVM's kvm_lapic_reg_read returns 1 (rejected; the
         caller's buffer is left untouched)."""
+        if self.kvm_lapic_reg_read_rejected(offset, length):
+            return None
         alignment = offset & 0xF
-        if alignment + length > 4:
-            return None
-        if offset > 0x3F0 or not (self.kvm_lapic_readable_reg_mask() >> (offset >> 4)) & 1:
-            return None
         result = self.__apic_read(offset & ~0xF)
         tr = self.trace
         if tr is not None:
