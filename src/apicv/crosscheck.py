@@ -451,7 +451,10 @@ def _sw_rejects_read(apic, offset: int, size: int) -> bool:
 
 
 def guest_ppr(page: LapicState) -> int:
-    """PPR as a guest read would return it (TPR and the highest ISR vector)."""
+    """PPR as a guest read would return it (TPR and the highest ISR vector). KVM_GET_LAPIC's
+    PPR word is a cache KVM refreshes when it looks (a PPR read, an EOI, an injection); with a
+    TPR shadow the guest changes TPR without KVM seeing it, so the word can lag -- not
+    guest-visible."""
     tpr = page["TPR"] & 0xFF
     isr = page.isr
     isrv = isr.bit_length() - 1 if isr else 0
