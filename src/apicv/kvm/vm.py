@@ -59,6 +59,7 @@ import time
 from .. import apicdef as A
 from .. import uapi as MU
 from ..errors import ApicvError, GuestFault, KvmError, MmioExit, MsrRejected, VcpuNotRunnable
+from ..memory import RAM_END, RAM_START, in_ram
 from . import uapi as K
 from .guest import build as agent_build
 
@@ -78,6 +79,11 @@ PERCPU_GPA = 0x100000
 PERCPU_SIZE = 0x4000
 MAX_VCPUS = 1024  # KVM_MAX_VCPUS as the model has it; also the number of mailboxes
 RAM_SIZE = PERCPU_GPA + MAX_VCPUS * PERCPU_SIZE
+RAM_SLOT_START = 0x1000  # guest page 0 stays out of the RAM memslot (see _setup_memory)
+# the model checks guest addresses against apicv.memory's RAM bounds: they must be this slot
+if (RAM_SLOT_START, RAM_SIZE) != (RAM_START, RAM_END):
+    raise ImportError(f"apicv.memory says RAM is [{RAM_START:#x}, {RAM_END:#x}) but the KVM "
+                      f"backend's RAM memslot is [{RAM_SLOT_START:#x}, {RAM_SIZE:#x})")
 ROM_GPA = 0xFFFF0000
 ROM_SIZE = 0x10000
 RESET_VECTOR_GPA = 0xFFFFFFF0
@@ -501,7 +507,7 @@ class KvmVm:
         # guest page 0 is left unbacked: an APIC base of 0 (IA32_APIC_BASE = 0, or EN with
         # base 0) must reach the LAPIC's MMIO window, not RAM (KVM consults MMIO devices only
         # for guest-physical addresses no memslot covers)
-        ram = self.mem = self._map(0, 0, RAM_SIZE, skip=0x1000)
+        ram = self.mem = self._map(0, 0, RAM_SIZE, skip=RAM_SLOT_START)
         rom = self._map(1, ROM_GPA, ROM_SIZE)
         agent = self.agent
         if len(agent.image) > AGENT_MAX:
@@ -592,6 +598,77 @@ class KvmVm:
             raise KvmError(e, "KVM_SIGNAL_MSI",
                            "no APIC matched the destination" if e == _errno.EPERM else "")
         return r
+
+    # ------------------------------------------------------------------ irqchip
+    def irq_line(self, irq: int, level: int) -> int:
+        """KVM_IRQ_LINE_STATUS: drive GSI *irq* to *level* (as the userspace IRQ source) and
+        return KVM's status: the number of APICs the interrupt was delivered to, 0 when it
+        was coalesced (the pin was already pending), -1 when it was masked or nowhere to go
+        (for level 0: what the line clears). KvmError with the ioctl's errno otherwise."""
+        self._check_open()
+        if not 0 <= irq <= 0xFFFFFFFF:
+            raise ValueError(f"GSI {irq:#x} does not fit in 32 bits")
+        if not 0 <= level <= 0xFFFFFFFF:
+            raise ValueError(f"level {level:#x} does not fit in 32 bits")
+        lv = K.kvm_irq_level(irq=irq, level=level)
+        _ioctl(self._vm_fd, K.KVM_IRQ_LINE_STATUS, lv)
+        return lv.status
+
+    @staticmethod
+    def _irqchip_size(chip_id: int) -> int:
+        """The used bytes of the kvm_irqchip union for this chip (0 for unknown ids)."""
+        if chip_id in (MU.KVM_IRQCHIP_PIC_MASTER, MU.KVM_IRQCHIP_PIC_SLAVE):
+            return MU.KVM_PIC_STATE_SIZE
+        if chip_id == MU.KVM_IRQCHIP_IOAPIC:
+            return MU.KVM_IOAPIC_STATE_SIZE
+        return 0
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: the chip's state -- struct kvm_pic_state (16 bytes) for chips 0
+        and 1 (PIC master, slave), struct kvm_ioapic_state (216 bytes) for chip 2 (IOAPIC).
+        Any other id is passed to KVM; its errno comes back as KvmError."""
+        self._check_open()
+        if not 0 <= chip_id <= 0xFFFFFFFF:
+            raise ValueError(f"chip id {chip_id:#x} does not fit in 32 bits")
+        chip = K.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self._vm_fd, K.KVM_GET_IRQCHIP, chip)
+        raw = ctypes.string_at(ctypes.addressof(chip.chip), MU.KVM_IRQCHIP_STATE_SIZE)
+        n = self._irqchip_size(chip_id)
+        return raw[:n] if n else raw
+
+    def set_irqchip(self, chip_id: int, data: bytes) -> None:
+        """KVM_SET_IRQCHIP: load the chip's state. *data* is the used part of the union (16
+        bytes for a PIC, 216 for the IOAPIC; the rest is sent as zeros) or all 512 bytes.
+        ValueError for other lengths; KVM's errno (e.g. an unknown chip id) as KvmError."""
+        self._check_open()
+        data = bytes(data)
+        if not 0 <= chip_id <= 0xFFFFFFFF:
+            raise ValueError(f"chip id {chip_id:#x} does not fit in 32 bits")
+        n = self._irqchip_size(chip_id)
+        if len(data) not in {n, MU.KVM_IRQCHIP_STATE_SIZE} - {0}:
+            want = f"{n} or {MU.KVM_IRQCHIP_STATE_SIZE}" if n else str(MU.KVM_IRQCHIP_STATE_SIZE)
+            raise ValueError(f"chip {chip_id} state must be {want} bytes, got {len(data)}")
+        chip = K.kvm_irqchip(chip_id=chip_id)
+        ctypes.memmove(ctypes.addressof(chip.chip), data, len(data))
+        _ioctl(self._vm_fd, K.KVM_SET_IRQCHIP, chip)
+
+    # ------------------------------------------------------------------ guest RAM (VMM side)
+    def read_guest(self, gpa: int, size: int) -> bytes:
+        """The VMM reads guest RAM (the RAM memslot's mmap, no ioctl); ValueError unless
+        [gpa, gpa + size) is RAM (apicv.memory.in_ram, the model's rule)."""
+        self._check_open()
+        if not in_ram(gpa, size):
+            raise ValueError(f"[{gpa:#x}, {gpa + size:#x}) is not guest RAM")
+        return bytes(self.mem[gpa:gpa + size])
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        """The VMM writes guest RAM (the RAM memslot's mmap, no ioctl); ValueError unless
+        [gpa, gpa + len(data)) is RAM (apicv.memory.in_ram)."""
+        self._check_open()
+        data = bytes(data)
+        if not in_ram(gpa, len(data)):
+            raise ValueError(f"[{gpa:#x}, {gpa + len(data):#x}) is not guest RAM")
+        self.mem[gpa:gpa + len(data)] = data
 
     @property
     def apicv_inhibits(self) -> None:
