@@ -17,10 +17,13 @@ Guest physical memory (one RAM slot at GPA 0, one 64 KiB slot below 4 GiB)::
                        (used only when the APIC base is relocated above 4 GiB)
     0x010000-0x02ffff  the agent (flat binary, position independent)
     0x038000           the SMM handler (RSM) at SMBASE + 0x8000
+    0x080000-0x09ffff  scratch RAM the backend never uses (apicv.memory.SCRATCH_GPA): VAPIC
+                       words, PV-EOI flags, guest_load/guest_store
     0x100000 + idx * 0x4000, per vCPU (idx = creation order):
         +0x0000        mailbox (MB_* below)
         +0x1000-0x2fff interrupt log (one byte per vector taken, LOG_CAPACITY entries)
         +0x3000-0x3fff stack (RSP starts at +0x4000)
+    0xfec00000         the in-kernel IOAPIC (not a memslot; ioapic_read/ioapic_write)
     0xffff0000-0xffffffff  "ROM": the reset stub at 0xfffffff0 (OUT to PORT_RESET forever)
 
 Protocol: before each guest operation the host runs KVM_GET_MP_STATE (which makes KVM accept a
@@ -120,6 +123,8 @@ MB_WIN_PDE = 0x68  # u64
 MB_EXC_VECTOR = 0x70  # u64 unexpected exception: vector
 MB_EXC_ERROR = 0x78  # u64 ... its error code (0 if none)
 MB_EXC_RIP = 0x80  # u64 ... RIP
+MB_PV_EOI = 0x88  # u64 GPA of the PV-EOI flag (MSR_KVM_PV_EOI_EN & ~3 when enabled), else 0
+MB_PV_EOI_SKIPPED = 0x90  # u32 handlers that found the PV-EOI flag set and skipped the EOI
 MB_LOG = 0x1000  # u8[LOG_CAPACITY]: vectors taken, in order
 LOG_CAPACITY = 0x2000
 
@@ -131,6 +136,14 @@ CMD_WRMSR = 4
 CMD_WRITE_CR8 = 5
 CMD_READ_CR8 = 6
 CMD_TAKE_INTERRUPTS = 7
+CMD_LOAD = 8  # load MB_SIZE bytes from MB_ARG0 (IOAPIC MMIO or RAM, identity-mapped)
+CMD_STORE = 9  # store MB_ARG1 (MB_SIZE bytes) at MB_ARG0
+CMD_IN = 10  # IN AL, DX=MB_ARG0
+CMD_OUT = 11  # OUT DX=MB_ARG0, AL=MB_ARG1
+
+# the ports inb/outb may touch: the in-kernel i8259 pair and its ELCR (no userspace exit)
+PIC_PORTS = frozenset((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1))
+IOAPIC_MMIO_SIZE = 0x100  # IOAPIC_MEM_LENGTH
 
 PORT_DONE = 0x3F0  # OUT: the operation is done
 PORT_EXCEPTION = 0x3F1  # OUT: an exception the agent did not expect
@@ -738,6 +751,7 @@ class KvmVcpu:
         self.taken: list[int] = []  # vectors taken, not yet returned by take_interrupts
         self.tpr_accesses: list[tuple[int, bool]] = []  # KVM_EXIT_TPR_ACCESS (rip, is_write)
         self.log_dropped = 0
+        self.pv_eoi_skipped = 0  # handler EOIs replaced by clearing the PV-EOI flag
         self.last_iterations = 0  # loop iterations of the last interrupt window
         self._run_mm = mmap.mmap(fd, vm._vcpu_mmap_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
@@ -945,7 +959,10 @@ class KvmVcpu:
 
         Returns the vectors taken since the last call, in order: NMIs (2) taken during other
         guest operations first, then those of this window. Each handler EOIs its vector (MMIO
-        EOI in xAPIC mode, WRMSR 0x80B in x2APIC mode) unless *eoi* is False; *limit* caps how
+        EOI in xAPIC mode, WRMSR 0x80B in x2APIC mode) unless *eoi* is False -- or, when PV
+        EOI is enabled (MSR_KVM_PV_EOI_EN bit 0, read with KVM_GET_MSRS before the window),
+        atomically clears bit 0 of the flag and writes no EOI if it was set (Linux's
+        kvm_guest_apic_eoi_write; counted in ``pv_eoi_skipped``); *limit* caps how
         many interrupts this window takes (the agent keeps IF=0 after that many). The window
         closes after 16 loop iterations in a row without a new interrupt (each iteration is
         one exit to userspace and back, hence one chance for KVM to inject) or 4096 in all."""
@@ -962,7 +979,80 @@ class KvmVcpu:
         self._op(CMD_RUN)
         return list(self.taken)
 
+    def ioapic_read(self, offset: int, size: int = 4) -> int:
+        """The guest loads *size* bytes at IOAPIC base (0xFEC00000) + *offset*; the in-kernel
+        IOAPIC (ioapic_mmio_read) answers without an exit to userspace."""
+        self._check_ioapic(offset, size)
+        return self._op(CMD_LOAD, arg0=MU.KVM_IOAPIC_DEFAULT_BASE_ADDRESS + offset, size=size)
+
+    def ioapic_write(self, offset: int, value: int, size: int = 4) -> None:
+        """The guest stores *value* (*size* bytes) at IOAPIC base (0xFEC00000) + *offset*
+        (ioapic_mmio_write in the kernel)."""
+        self._check_ioapic(offset, size)
+        if not 0 <= value < (1 << (8 * size)):
+            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
+        self._op(CMD_STORE, arg0=MU.KVM_IOAPIC_DEFAULT_BASE_ADDRESS + offset, size=size,
+                 arg1=value)
+
+    def inb(self, port: int) -> int:
+        """The guest executes IN AL, DX on a port of the in-kernel i8259 PIC (0x20, 0x21,
+        0xA0, 0xA1) or its ELCR (0x4D0, 0x4D1); KVM handles it without a userspace exit."""
+        self._check_port(port)
+        return self._op(CMD_IN, arg0=port) & 0xFF
+
+    def outb(self, port: int, value: int) -> None:
+        """The guest executes OUT DX, AL on a PIC/ELCR port (see inb)."""
+        self._check_port(port)
+        if not 0 <= value <= 0xFF:
+            raise ValueError(f"value {value:#x} does not fit in a byte")
+        self._op(CMD_OUT, arg0=port, arg1=value)
+
+    def set_vapic_addr(self, gpa: int) -> None:
+        """KVM_SET_VAPIC_ADDR: the guest-physical address of the 32-bit VAPIC word that KVM
+        writes before entry (kvm_lapic_sync_to_vapic) and reads TPR from after each exit
+        (kvm_lapic_sync_from_vapic); 0 turns it off. KvmError(EINVAL) for an address KVM
+        cannot map (kvm_gfn_to_hva_cache_init fails outside a memslot)."""
+        if not 0 <= gpa <= _U64:
+            raise ValueError(f"address {gpa:#x} does not fit in 64 bits")
+        self._ioctl(K.KVM_SET_VAPIC_ADDR, K.kvm_vapic_addr(vapic_addr=gpa))
+
+    def guest_load(self, gpa: int, size: int = 4) -> int:
+        """The guest loads *size* bytes of RAM at *gpa* (inside KVM_RUN, so KVM's entry work --
+        kvm_lapic_sync_to_vapic, PV-EOI arming -- happens before it and the exit work --
+        kvm_lapic_sync_from_vapic, the PV-EOI check -- after it)."""
+        self._check_ram(gpa, size)
+        return self._op(CMD_LOAD, arg0=gpa, size=size)
+
+    def guest_store(self, gpa: int, value: int, size: int = 4) -> None:
+        """The guest stores *value* (*size* bytes) to RAM at *gpa* (see guest_load). Storing
+        over the agent's own pages (below SCRATCH_GPA, or the per-vCPU area) breaks it."""
+        self._check_ram(gpa, size)
+        if not 0 <= value < (1 << (8 * size)):
+            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
+        self._op(CMD_STORE, arg0=gpa, size=size, arg1=value)
+
     # -- argument checks (as the model makes them) --
+    @staticmethod
+    def _check_ioapic(offset: int, size: int) -> None:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"MMIO size must be 1, 2, 4 or 8, not {size}")
+        if not 0 <= offset <= IOAPIC_MMIO_SIZE - size:
+            raise ValueError(f"offset {offset:#x} is outside the IOAPIC's "
+                             f"{IOAPIC_MMIO_SIZE:#x}-byte window")
+
+    @staticmethod
+    def _check_port(port: int) -> None:
+        if port not in PIC_PORTS:
+            raise ValueError(f"port {port:#x} is not an in-kernel PIC/ELCR port "
+                             f"({', '.join(f'{p:#x}' for p in sorted(PIC_PORTS))})")
+
+    @staticmethod
+    def _check_ram(gpa: int, size: int) -> None:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
+        if not in_ram(gpa, size):
+            raise ValueError(f"[{gpa:#x}, {gpa + size:#x}) is not guest RAM")
+
     @staticmethod
     def _check_mmio(offset: int, size: int) -> None:
         if size not in (1, 2, 4, 8):
@@ -1007,6 +1097,8 @@ class KvmVcpu:
         self._put32(MB_X2APIC, int(x2))
         self._put64(MB_APIC_VA, va)
         self._put32(MB_EOI, int(bool(eoi)))
+        self._put64(MB_PV_EOI, self._pv_eoi_gpa() if cmd in (CMD_TAKE_INTERRUPTS, CMD_RUN)
+                    else 0)  # interrupt handlers run only in these (other commands: IF=0)
         self._put32(MB_LIMIT, limit)
         mmio_exits: list[tuple[int, int, bool]] = []
         try:
@@ -1021,6 +1113,15 @@ class KvmVcpu:
         if self._get32(MB_FAULT):
             raise GuestFault(self._get32(MB_FAULT), what)
         return self._get64(MB_RESULT)
+
+    def _pv_eoi_gpa(self) -> int:
+        """Where the handlers find the PV-EOI flag: MSR_KVM_PV_EOI_EN (KVM_GET_MSRS) without
+        its flag bits when enabled, else 0 (the handlers then always EOI the APIC)."""
+        try:
+            v = self.get_msr(MU.MSR_KVM_PV_EOI_EN)
+        except MsrRejected:
+            return 0
+        return v & ~3 if v & MU.KVM_MSR_ENABLED else 0
 
     def _apic_va(self, apic_base: int) -> int:
         """Where the agent finds the APIC page: its GPA when below 4 GiB (identity map), else
@@ -1047,6 +1148,10 @@ class KvmVcpu:
             start = self._mb + MB_LOG
             self.taken.extend(self.vm.mem[start:start + min(n, LOG_CAPACITY)])
             self._put32(MB_LOG_COUNT, 0)
+        skipped = self._get32(MB_PV_EOI_SKIPPED)
+        if skipped:
+            self.pv_eoi_skipped += skipped
+            self._put32(MB_PV_EOI_SKIPPED, 0)
         dropped = self._get32(MB_LOG_DROPPED)
         if dropped:
             self.log_dropped += dropped

@@ -59,6 +59,14 @@ main_loop:
 	je	do_read_cr8
 	cmpl	$CMD_TAKE_INTERRUPTS, %eax
 	je	do_take_interrupts
+	cmpl	$CMD_LOAD, %eax
+	je	do_mmio_read
+	cmpl	$CMD_STORE, %eax
+	je	do_mmio_write
+	cmpl	$CMD_IN, %eax
+	je	do_in
+	cmpl	$CMD_OUT, %eax
+	je	do_out
 	/* CMD_RUN and anything unknown: nothing to do */
 done:
 	/* settle: this host injects at most one event per entry from userspace, so an event that
@@ -76,7 +84,10 @@ done:
 	outb	%al, %dx
 	jmp	main_loop
 
-/* ------------------------------------------------------------------ xAPIC MMIO */
+/* ------------------------------------------------------------------ loads and stores
+ * A load or store of MB_SIZE bytes at the virtual address MB_ARG0: xAPIC MMIO (CMD_MMIO_*),
+ * IOAPIC MMIO and guest RAM (CMD_LOAD / CMD_STORE; both identity-mapped below 4 GiB).
+ */
 do_mmio_read:
 	movq	MB_ARG0(%r15), %rbx		/* virtual address of the register */
 	movl	MB_SIZE(%r15), %ecx
@@ -114,6 +125,22 @@ do_mmio_write:
 	movl	%eax, (%rbx)
 	jmp	done
 1:	movq	%rax, (%rbx)
+	jmp	done
+
+/* ------------------------------------------------------------------ port I/O
+ * One byte IN from / OUT to port MB_ARG0 (the host allows only the in-kernel PIC's ports).
+ */
+do_in:
+	movl	MB_ARG0(%r15), %edx
+	xorl	%eax, %eax
+	inb	%dx, %al
+	movq	%rax, MB_RESULT(%r15)
+	jmp	done
+
+do_out:
+	movl	MB_ARG0(%r15), %edx
+	movl	MB_ARG1(%r15), %eax
+	outb	%al, %dx
 	jmp	done
 
 /* ------------------------------------------------------------------ MSRs and CR8 */
@@ -210,7 +237,17 @@ irq_common:
 	call	log_vector
 	cmpl	$0, MB_EOI(%r15)
 	je	2f
-	cmpl	$0, MB_X2APIC(%r15)
+	/* PV EOI (Linux's kvm_guest_apic_eoi_write): when MSR_KVM_PV_EOI_EN is enabled the host
+	   puts its 4-byte aligned GPA in MB_PV_EOI (identity-mapped RAM); if KVM armed the flag
+	   (bit 0 set), clearing it is the EOI -- KVM completes it at the next exit */
+	movq	MB_PV_EOI(%r15), %rax
+	testq	%rax, %rax
+	jz	4f
+	lock btrl $0, (%rax)
+	jnc	4f
+	incl	MB_PV_EOI_SKIPPED(%r15)		/* the flag was set: no EOI write */
+	jmp	2f
+4:	cmpl	$0, MB_X2APIC(%r15)
 	je	1f
 	movl	$0x80b, %ecx			/* x2APIC EOI MSR */
 	xorl	%eax, %eax
