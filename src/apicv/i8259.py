@@ -429,9 +429,11 @@ class KvmPic:
 
     def pic_poll_read(self, s: KvmKpicState, addr1: int) -> int:
         """pic_poll_read: a read in poll mode acknowledges and ends the pending interrupt in
-        one go (IRR bit and ISR bit cleared, acked) and returns its pin, or 7 if there is
-        none. A poll of the slave also clears the master's IRR and ISR bit 2; a poll of the
-        master that returns 2 skips the pic_update_irq."""
+        one go (IRR bit and ISR bit cleared, acked) and returns 0x80 | its pin (bit 7 "there
+        is an interrupt", as the 8259A poll word has it: "KVM: x86: Adjust return value of
+        pic_poll_read()", 2023), or 0x07 if there is none. A poll of the slave also clears
+        the master's IRR and ISR bit 2; a poll of the master that finds pin 2 skips the
+        pic_update_irq."""
         ret = self.pic_get_irq(s)
         if ret >= 0:
             if addr1 >> 7:
@@ -442,6 +444,7 @@ class KvmPic:
             self.pic_clear_isr(s, ret)
             if addr1 >> 7 or ret != 2:
                 self.pic_update_irq()
+            ret |= 0x80
         else:
             ret = 0x07
             self.pic_update_irq()
@@ -449,8 +452,8 @@ class KvmPic:
 
     def pic_ioport_read(self, port: int, size: int = 1) -> int:
         """pic_ioport_read: an IN from 0x20/0x21 or 0xA0/0xA1. With ``poll`` set (OCW3) either
-        port polls (pic_poll_read) and ends poll mode; otherwise the even port reads ISR or
-        IRR (``read_reg_select``), the odd port IMR."""
+        port polls (pic_poll_read) and ends poll mode, even when the poll found nothing;
+        otherwise the even port reads ISR or IRR (``read_reg_select``), the odd port IMR."""
         if port not in PIC_MASTER_PORTS + PIC_SLAVE_PORTS:
             raise ValueError(f"port {port:#x} is not a PIC command/data port")
         if size != 1:
