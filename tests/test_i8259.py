@@ -304,15 +304,15 @@ def test_special_mask_is_stored_but_ignored():
 
 # ---------------------------------------------------------------------------- reads
 def test_pic_poll_read():
-    """pic_poll_read: after OCW3 with P (0x0C) the next read of either port returns the
-    pending pin and ends it (IRR and ISR bits cleared, acked, even for a level pin), or 7
-    when nothing is pending; poll mode ends with the read."""
+    """pic_poll_read: after OCW3 with P (0x0C) the next read of either port returns 0x80 |
+    the pending pin and ends it (IRR and ISR bits cleared, acked, even for a level pin), or
+    0x07 when nothing is pending; poll mode ends with the read."""
     p = programmed()
     p.elcr_ioport_write(0x4D0, 0x20)
     p.kvm_pic_set_irq(5, SRC, 1)
     p.pic_ioport_write(0x20, 0x0C)
     assert p.pics[0].poll == 1
-    assert p.pic_ioport_read(0x21) == 5  # the odd port polls too
+    assert p.pic_ioport_read(0x21) == 0x85  # the odd port polls too
     m = p.pics[0]
     assert (m.irr, m.isr, m.poll, p.acked, p.output) == (0, 0, 0, [5], 0)
     assert p.pic_ioport_read(0x21) == 0  # IMR again
@@ -327,7 +327,7 @@ def test_pic_poll_read_slave_clears_master_cascade():
     p.kvm_pic_set_irq(10, SRC, 1)
     assert p.pics[0].irr == 0x04 and p.output == 1
     p.pic_ioport_write(0xA0, 0x0C)
-    assert p.pic_ioport_read(0xA0) == 2
+    assert p.pic_ioport_read(0xA0) == 0x82
     assert p.pics[0].irr == 0 and p.pics[0].isr == 0 and p.pics[1].irr == 0
     assert p.acked == [10] and p.output == 0
 
@@ -735,3 +735,102 @@ def test_kvm_matches_model_on_random_states(kvm_vm, master, slave, seq):
     by kvm_set_irq with the reset IOAPIC's masked-pin result) and the same kvm_pic_state
     bytes of both chips after every step."""
     crosscheck(kvm_vm, master, slave, seq)
+
+
+# ---------------------------------------------------------------------------- the real KVM's guest
+def guest_crosscheck(vm, master: bytes, slave: bytes, seq) -> None:
+    """As :func:`crosscheck`, with the guest in the loop: ``out``/``in`` are OUT/IN the vCPU
+    executes on a PIC or ELCR port (picdev_write/picdev_read), ``intack`` is one IF=1 window
+    taking at most one interrupt -- the ExtINT whose vector kvm_pic_read_irq returns, or
+    nothing when the output is low. The BSP's LVT0 is ExtINT (kvm_apic_accept_pic_intr true),
+    as the model's ``accept_pic_intr`` default says. ``intack`` is skipped when a vector could
+    fall below 32 (the agent would take it for an exception)."""
+    cpu = vm.vcpus[0]
+    vm.set_irqchip(U.KVM_IRQCHIP_IOAPIC, vm.created_ioapic)
+    p = KvmPic()
+    for chip, data in ((1, slave), (0, master)):
+        vm.set_irqchip(chip, data)
+        p.set_state(chip, data)
+    ioapic_irr = 0
+    for i, (kind, a, b) in enumerate(seq):
+        where = f"step {i}: {kind} {a:#x} {b:#x}"
+        if kind == "line":
+            ioapic_ret, ioapic_irr = ioapic_set_irq_masked(ioapic_irr, a, b)
+            expect = kvm_set_irq_status([p.kvm_pic_set_irq(a, SRC, b), ioapic_ret])
+            assert vm.irq_line(a, b) == expect, where
+        elif kind == "out":
+            cpu.outb(a, b)
+            p.picdev_write(a, b)
+        elif kind == "in":
+            assert cpu.inb(a) == p.picdev_read(a), where
+        elif all(s.irq_base >= 0x20 for s in p.pics):
+            expect = [p.kvm_pic_read_irq()] if p.output else []
+            assert cpu.take_interrupts(limit=1, eoi=False) == expect, where
+        for chip in (0, 1):
+            assert vm.get_irqchip(chip) == p.get_state(chip), f"{where}: chip {chip}"
+
+
+INIT_8259 = [("out", 0x20, 0x11), ("out", 0x21, 0x20), ("out", 0x21, 0x04), ("out", 0x21, 0x01),
+             ("out", 0xA0, 0x11), ("out", 0xA1, 0x28), ("out", 0xA1, 0x02), ("out", 0xA1, 0x01)]
+
+
+@needs_kvm
+def test_kvm_guest_icw1_leaves_output_high(kvm_vm):
+    """kvm_pic_reset on the real KVM, from a guest OUT: ICW1 drops the pending edge but runs
+    no pic_update_irq, so the output stays high and the next ExtINT is the spurious IRQ 7 of
+    the new irq_base."""
+    seq = INIT_8259 + [("line", 0, 1), ("out", 0x20, 0x11), ("out", 0x21, 0x40),
+                       ("out", 0x21, 0x04), ("out", 0x21, 0x01), ("intack", 0, 0),
+                       ("intack", 0, 0)]
+    guest_crosscheck(kvm_vm, CREATED_MASTER, CREATED_SLAVE, seq)
+    assert kvm_vm.vcpus[0].take_interrupts(limit=1, eoi=False) == []
+    assert field(kvm_vm.get_irqchip(0), "isr") == 0
+
+
+@needs_kvm
+def test_kvm_guest_eoi_poll_and_special_mask(kvm_vm):
+    """i8259.c from a real guest: priority and nesting, the slave cascade, non-specific and
+    specific EOI, rotation, OCW3 read select and poll, special mask stored but not used."""
+    seq = INIT_8259 + [
+        ("line", 5, 1), ("line", 3, 1), ("intack", 0, 0), ("intack", 0, 0),
+        ("line", 10, 1), ("intack", 0, 0), ("out", 0x20, 0x0B), ("in", 0x20, 0),
+        ("out", 0x20, 0x68), ("intack", 0, 0), ("out", 0xA0, 0x20), ("out", 0x20, 0x62),
+        ("out", 0x20, 0xA0), ("intack", 0, 0), ("out", 0x20, 0x0C), ("in", 0x21, 0),
+        ("line", 12, 1), ("out", 0xA0, 0x0C), ("in", 0xA0, 0), ("out", 0x20, 0xC4),
+        ("line", 6, 0), ("line", 6, 1), ("line", 4, 0), ("line", 4, 1), ("intack", 0, 0),
+        ("out", 0x4D1, 0xFF), ("in", 0x4D1, 0), ("out", 0x20, 0x0A), ("in", 0x20, 0),
+    ]
+    guest_crosscheck(kvm_vm, CREATED_MASTER, CREATED_SLAVE, seq)
+
+
+lines = st.tuples(st.just("line"), st.integers(0, 15), st.sampled_from((1, 1, 0)))
+intacks = st.tuples(st.just("intack"), st.just(0), st.just(0))
+guest_ops = st.lists(st.one_of(
+    lines, lines, intacks, intacks,
+    st.tuples(st.just("out"), ports, st.integers(0, 255)),
+    st.tuples(st.just("in"), ports, st.just(0)),
+), max_size=24)
+often_zero = st.one_of(st.just(0), st.integers(0, 255))
+
+
+def _guest_state(raw: bytes, imr: int, isr: int, base: int, init_state: int) -> bytes:
+    out = bytearray(raw)
+    for name, value in (("imr", imr), ("isr", isr), ("irq_base", base),
+                        ("init_state", init_state)):
+        out[KVM_PIC_STATE_FIELDS.index(name)] = value
+    return bytes(out)
+
+
+# random states where requests get through often enough for ExtINTs to be taken; irq_base
+# >= 0x20 so that intack can run
+guest_states = st.builds(_guest_state, states, often_zero, often_zero, st.integers(0x20, 0xF8),
+                         often_zero)
+
+
+@needs_kvm
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(master=guest_states, slave=guest_states, seq=guest_ops)
+def test_kvm_guest_matches_model(kvm_vm, master, slave, seq):
+    """The model against the real KVM with guest port I/O and ExtINT acknowledges in the mix,
+    from random states: same IN values, IRQ line statuses, vectors and kvm_pic_state bytes."""
+    guest_crosscheck(kvm_vm, master, slave, seq)
