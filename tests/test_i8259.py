@@ -834,3 +834,30 @@ def test_kvm_guest_matches_model(kvm_vm, master, slave, seq):
     """The model against the real KVM with guest port I/O and ExtINT acknowledges in the mix,
     from random states: same IN values, IRQ line statuses, vectors and kvm_pic_state bytes."""
     guest_crosscheck(kvm_vm, master, slave, seq)
+
+
+@needs_kvm
+def test_kvm_guest_icw1_asks_the_vcpus():
+    """kvm_pic_reset on the real KVM: the dropped edges clear their ISR bits only if some
+    vCPU accepts PIC interrupts (kvm_apic_accept_pic_intr: LVT0 unmasked ExtINT, or the APIC
+    hardware-disabled). With the BSP's LVT0 masked the ISR survives ICW1 -- the model's
+    ``accept_pic_intr = False``."""
+    import apicv
+
+    master = state(irr=0x0B, isr=0x0E, irq_base=0x20, elcr_mask=0xF8)
+    for lvt0, accept, isr in ((0x700, True, 0x04), (0x10700, False, 0x0E)):
+        with apicv.Vm(1, backend="kvm") as vm:
+            cpu = vm.vcpus[0]
+            page = bytearray(cpu.get_lapic())
+            struct.pack_into("<I", page, 0x350, lvt0)
+            cpu.set_lapic(bytes(page))
+            vm.set_irqchip(1, CREATED_SLAVE)
+            vm.set_irqchip(0, master)
+            cpu.outb(0x20, 0x11)
+            p = KvmPic()
+            p.accept_pic_intr = accept
+            p.set_state(1, CREATED_SLAVE)
+            p.set_state(0, master)
+            p.pic_ioport_write(0x20, 0x11)
+            assert vm.get_irqchip(0) == p.get_state(0)
+            assert field(p.get_state(0), "isr") == isr
