@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apicv import uapi as U
-from apicv.i8259 import KVM_PIC_STATE_FIELDS, KvmPic, kvm_set_irq_status
+from apicv.i8259 import KVM_PIC_STATE_FIELDS, SELECT_PIC, KvmPic, kvm_set_irq_status
 
 MASTER_BASE, SLAVE_BASE = 0x08, 0x70
 CREATED_MASTER = bytes(15) + b"\xf8"
@@ -454,6 +454,17 @@ def test_get_set_state_round_trip():
     assert p.get_state(0) == state(irr=0x04, elcr_mask=0xF8)
     p.set_state(0, state(irr=0x04, last_irr=0x04, elcr=0x04, elcr_mask=0xFF))
     assert p.get_state(0) == state(elcr=0x04, elcr_mask=0xFF)  # the level pulse ends low
+
+
+def test_kvm_set_irq_status_and_select_pic():
+    """kvm_set_irq sums the non-negative results of a GSI's routes, -1 if none is; SELECT_PIC
+    names the chip of a pin."""
+    assert kvm_set_irq_status([]) == -1
+    assert kvm_set_irq_status([-1, -1]) == -1
+    assert kvm_set_irq_status([1, -1]) == 1
+    assert kvm_set_irq_status([0, -1]) == 0
+    assert kvm_set_irq_status([1, 1]) == 2
+    assert [SELECT_PIC(pin) for pin in (0, 7, 8, 15)] == [0, 0, 1, 1]
 
 
 class RecordingTracer:
