@@ -14,6 +14,7 @@ The core imports with the standard library alone.
 from .errors import (
     ApicvError,
     GuestFault,
+    IoExit,
     KvmError,
     MmioExit,
     MsrRejected,
@@ -32,6 +33,7 @@ __all__ = [
     "ApicvError",
     "ApicvInhibit",
     "GuestFault",
+    "IoExit",
     "KvmError",
     "MmioExit",
     "MsrRejected",

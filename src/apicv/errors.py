@@ -69,6 +69,17 @@ class MmioExit(ApicvError):
         super().__init__(f"KVM_EXIT_MMIO: {size}-byte {kind} at {gpa:#x} left the in-kernel APIC")
 
 
+class IoExit(ApicvError):
+    """A port access no in-kernel device claims: it exits to userspace (KVM_EXIT_IO)."""
+
+    def __init__(self, port: int, size: int, is_write: bool) -> None:
+        self.port = port
+        self.size = size
+        self.is_write = is_write
+        kind = "OUT" if is_write else "IN"
+        super().__init__(f"KVM_EXIT_IO: {size}-byte {kind} at port {port:#x} (no in-kernel PIC)")
+
+
 class VcpuNotRunnable(ApicvError):
     """KVM_RUN would not run guest code: the vCPU is in ``mp_state`` and nothing wakes it.
 

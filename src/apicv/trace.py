@@ -127,6 +127,20 @@ class Tracer:
             f"{' (coalesced)' if coalesced else ''}",
         )
 
+    def kvm_ioapic_delayed_eoi_inj(self, e: int) -> None:
+        self._emit(
+            "kvm_ioapic_delayed_eoi_inj",
+            f"dst {(e >> 56) & 0xFF:x} vec {e & 0xFF} ({_DM[(e >> 8) & 7]}|"
+            f"{'logical' if e & (1 << 11) else 'physical'}|"
+            f"{'level' if e & (1 << 15) else 'edge'}{'|masked' if e & (1 << 16) else ''})",
+        )
+
+    def kvm_pic_set_irq(self, chip: int, pin: int, elcr: int, imr: int,
+                        coalesced: bool) -> None:
+        self._emit("kvm_pic_set_irq",
+                   f"chip {chip} pin {pin} ({'level' if elcr >> pin & 1 else 'edge'}"
+                   f"{'|masked' if imr >> pin & 1 else ''}){' (coalesced)' if coalesced else ''}")
+
     def kvm_timer_expired(self, apicid: int, mode: str) -> None:
         """Not a KVM tracepoint: the model marks hrtimer expiry (apic_timer_fn) on the timeline."""
         self.timeline.append((self.clock.now, apicid, "timer", mode))

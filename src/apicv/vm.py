@@ -18,6 +18,7 @@ from .arch import SEB_DISABLED, SEB_ENABLED, KvmArch
 from .clock import Clock
 from .delivery import Router
 from .errors import KvmError
+from .ioapic import KvmIoapic
 from .kvm_host import (
     KVM_REQ_APICV_UPDATE,
     KVM_REQ_EVENT,
@@ -27,6 +28,7 @@ from .kvm_host import (
     ApicvInhibit,
 )
 from .lapic import VendorOps
+from .memory import GuestMemory
 from .trace import VM_CONTEXT, Tracer
 from .vcpu import Vcpu
 from .vmx.tdx import TdxOps
@@ -127,7 +129,9 @@ class Vm:
         self.router.trace = self.trace
         self.vcpus: list[Vcpu] = []
         self._by_id: dict[int, Vcpu] = {}
-        self.ioapic = None  # the in-kernel IOAPIC (kvm_ioapic_update_eoi target)
+        self.mem = GuestMemory()  # guest RAM (VAPIC words, PV-EOI bytes)
+        self.ioapic: KvmIoapic | None = None  # the in-kernel IOAPIC (irqchip="kernel")
+        self.pic = None  # the in-kernel i8259 pair (irqchip="kernel")
         self.eoi_broadcasts: list[tuple[int, int, bool]] = []  # (vcpu_id, vector, level)
         # kvm_apicv_init(): ABSENT until the irqchip exists, DISABLED without enable_apicv
         self.kvm.apicv_inhibit_reasons = 1 << (ApicvInhibit.ABSENT if enable_apicv
@@ -140,6 +144,14 @@ class Vm:
             raise KvmError(U.ENOTTY, "KVM_CREATE_IRQCHIP",
                            "EOIs are protected (TDX): use irqchip='split'")
         self.kvm.irqchip_mode = irqchip
+        if irqchip == "kernel":
+            # KVM_CREATE_IRQCHIP: kvm_pic_init() and kvm_ioapic_init(), default GSI routing
+            from .i8259 import KvmPic
+
+            self.pic = KvmPic()
+            self.pic.trace = self.trace
+            self.ioapic = KvmIoapic(self)
+            self.ioapic.trace = self.trace
         self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.ABSENT, False)
         if apic_bus_cycle_ns != 1:
             self.enable_cap(U.KVM_CAP_X86_APIC_BUS_CYCLES_NS, apic_bus_cycle_ns)
@@ -362,8 +374,24 @@ class Vm:
                                             res.logical_id_aliased)
         self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.APIC_ID_MODIFIED,
                                             res.xapic_id_mismatch)
+        self.kvm_make_scan_ioapic_request()
+
+    def kvm_make_scan_ioapic_request(self, vcpu_idxs: set[int] | None = None) -> None:
+        """kvm_make_scan_ioapic_request(_mask)(): KVM_REQ_SCAN_IOAPIC on every vCPU (or those
+        indexes). The request is NO_WAKEUP: a vCPU in guest mode is kicked out to take it, a
+        halted one is not woken."""
         for v in self.vcpus:
-            v.arch.requests |= KVM_REQ_SCAN_IOAPIC
+            if vcpu_idxs is not None and v.arch.vcpu_idx not in vcpu_idxs:
+                continue
+            arch = v.arch
+            arch.requests |= KVM_REQ_SCAN_IOAPIC
+            if arch.in_guest_mode and not arch.kick_pending:
+                arch.kick_pending = True
+                self.kvm.kicked.append(arch)
+
+    def kvm_apicv_activated(self) -> bool:
+        """kvm_apicv_activated(): APICv enabled and not inhibited VM-wide."""
+        return self.kvm.apicv_inhibit_reasons == 0
 
     @property
     def apic_map(self):
@@ -397,20 +425,141 @@ class Vm:
             apic.ops.load_eoi_exitmap(apic, vcpu.arch.ioapic_handled_vectors)
 
     def kvm_ioapic_update_eoi(self, vcpu: Vcpu, vector: int, level: bool) -> None:
-        """An EOI for a vector the IOAPIC handles (the hook the IOAPIC model plugs into)."""
+        """kvm_ioapic_send_eoi() -> kvm_ioapic_update_eoi(): an EOI for a vector the IOAPIC
+        handles (recorded in ``eoi_broadcasts`` too)."""
         self.eoi_broadcasts.append((vcpu.vcpu_id, vector, level))
         if self.ioapic is not None:
-            self.ioapic.kvm_ioapic_update_eoi(vcpu, vector, level)
+            self.ioapic.kvm_ioapic_update_eoi(vcpu, vector, int(level))
 
     def kvm_cpu_has_extint(self, vcpu: Vcpu) -> bool:
-        """ExtINT from the PIC (not modelled yet: its output is always low)."""
-        return False
+        """kvm_cpu_has_extint(): the PIC's output, for a vCPU that accepts PIC interrupts
+        (LVT0 unmasked ExtINT, or its APIC hardware-disabled)."""
+        pic = self.pic
+        if pic is None or not pic.output:
+            return False
+        return vcpu.apic.kvm_apic_accept_pic_intr()
 
     def kvm_cpu_get_extint(self, vcpu: Vcpu) -> int:
-        return -1
+        """kvm_cpu_get_extint(): the PIC's INTA cycle (kvm_pic_read_irq), or -1."""
+        if not self.kvm_cpu_has_extint(vcpu):
+            return -1
+        vector = self.pic.kvm_pic_read_irq()
+        self._pic_unlock()
+        return vector
 
     def kvm_lapic_sync_to_vapic(self, vcpu: Vcpu) -> None:
-        """kvm_lapic_sync_to_vapic(): VAPIC/PV-EOI work before entry (not modelled yet)."""
+        """kvm_lapic_sync_to_vapic(): the PV-EOI flag and the VAPIC word, before entry."""
+        vcpu.apic.kvm_lapic_sync_to_vapic(self.mem)
+
+    # ------------------------------------------------------------------ irqchip ioctls
+    def irq_line(self, irq: int, level: int) -> int:
+        """KVM_IRQ_LINE_STATUS from userspace (KVM_USERSPACE_IRQ_SOURCE_ID): the status
+        kvm_set_irq() returns -- -1 if no route took it (masked, waiting for EOI, no route
+        for the GSI), 0 if coalesced, else a positive count (1 for a lowered line)."""
+        if not 0 <= irq <= 0xFFFFFFFF:
+            raise ValueError(f"GSI {irq} does not fit in 32 bits")
+        tr = self.trace
+        if tr is not None:
+            tr.kvm_set_irq(irq, int(bool(level)), U.KVM_USERSPACE_IRQ_SOURCE_ID)
+        ret = -1
+        ioapic = self.ioapic
+        if ioapic is not None and irq < U.KVM_IOAPIC_NUM_PINS:
+            # default routing: GSI n -> IOAPIC pin n, and for n < 16 the PIC pin n too; the
+            # routes run IOAPIC first (kvm_irq_map_gsi lists them in reverse)
+            r = ioapic.kvm_ioapic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID, int(bool(level)),
+                                          True)
+            if r >= 0:
+                ret = r
+            if irq < 16:
+                r = self.pic.kvm_pic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID,
+                                             int(bool(level)))
+                self._pic_unlock()
+                if r >= 0:
+                    ret = r + max(ret, 0)
+        self._after_device_change()
+        return ret
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: struct kvm_pic_state (16 bytes) for chips 0/1, struct
+        kvm_ioapic_state (216 bytes) for chip 2."""
+        if self.ioapic is None:
+            raise KvmError(U.ENXIO, "KVM_GET_IRQCHIP", "no in-kernel PIC/IOAPIC (split irqchip)")
+        if chip_id in (U.KVM_IRQCHIP_PIC_MASTER, U.KVM_IRQCHIP_PIC_SLAVE):
+            return self.pic.get_state(chip_id)
+        if chip_id == U.KVM_IRQCHIP_IOAPIC:
+            return self.ioapic.kvm_get_ioapic()
+        raise KvmError(U.EINVAL, "KVM_GET_IRQCHIP", f"chip_id {chip_id}")
+
+    def set_irqchip(self, chip_id: int, data: bytes) -> None:
+        """KVM_SET_IRQCHIP (the used bytes of the chip, or the whole 512-byte union)."""
+        if self.ioapic is None:
+            raise KvmError(U.ENXIO, "KVM_SET_IRQCHIP", "no in-kernel PIC/IOAPIC (split irqchip)")
+        data = bytes(data)
+        size = (U.KVM_IOAPIC_STATE_SIZE if chip_id == U.KVM_IRQCHIP_IOAPIC
+                else U.KVM_PIC_STATE_SIZE)
+        if len(data) not in (size, U.KVM_IRQCHIP_STATE_SIZE):
+            raise ValueError(f"chip {chip_id} state is {size} (or "
+                             f"{U.KVM_IRQCHIP_STATE_SIZE}) bytes, not {len(data)}")
+        err = None
+        if chip_id in (U.KVM_IRQCHIP_PIC_MASTER, U.KVM_IRQCHIP_PIC_SLAVE):
+            self.pic.set_state(chip_id, data[:U.KVM_PIC_STATE_SIZE])
+        elif chip_id == U.KVM_IRQCHIP_IOAPIC:
+            self.ioapic.kvm_set_ioapic(data)
+        else:
+            err = KvmError(U.EINVAL, "KVM_SET_IRQCHIP", f"chip_id {chip_id}")
+        self.pic.pic_update_irq()  # kvm_pic_update_irq(), whatever the chip
+        self._pic_unlock()
+        self._after_device_change()
+        if err is not None:
+            raise err
+
+    def read_guest(self, gpa: int, size: int) -> bytes:
+        """The VMM reads guest RAM (ValueError outside the RAM memslot)."""
+        return self.mem.read(gpa, size)
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        """The VMM writes guest RAM (ValueError outside the RAM memslot)."""
+        self.mem.write(gpa, bytes(data))
+
+    def _pic_unlock(self) -> None:
+        """pic_unlock(): when the PIC's output rose, KVM_REQ_EVENT and a kick for the first
+        vCPU that accepts PIC interrupts."""
+        pic = self.pic
+        if pic is None:
+            return
+        # kvm_notify_acked_irq / kvm_fire_mask_notifiers: no notifiers are registered (no
+        # PIT, no assigned devices, no resamplers)
+        pic.acked.clear()
+        pic.mask_notified.clear()
+        if not pic.wakeup_needed:
+            return
+        pic.wakeup_needed = False
+        for v in self.vcpus:
+            if v.apic.kvm_apic_accept_pic_intr():
+                v.arch.requests |= KVM_REQ_EVENT
+                v.apic.kvm_vcpu_kick()
+                return
+
+    def _after_device_change(self) -> None:
+        """After an IOAPIC/PIC operation from userspace or a device timer: deliver to vCPUs
+        resting in guest mode or HLT, and sample the timeline."""
+        self._after_lapic_change()
+        if self.kvm.kicked:
+            self._service_kicks()
+        tr = self.trace
+        if tr is not None:
+            for v in self.vcpus:
+                tr.apic_state(v.apic)
+
+    def ioapic_mmio(self, gpa: int, size: int, value: int | None) -> int | None:
+        """A guest access to the IOAPIC window: the value read (or 0 for a write), or None
+        when no in-kernel device claims it (it goes to userspace as KVM_EXIT_MMIO)."""
+        ioapic = self.ioapic
+        if ioapic is None:
+            return None
+        if value is None:
+            return ioapic.ioapic_mmio_read(gpa, size)
+        return 0 if ioapic.ioapic_mmio_write(gpa, size, value) else None
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -443,6 +592,9 @@ class Vm:
         tr.context = VM_CONTEXT
         self.trace = tr
         self.router.trace = tr
+        if self.ioapic is not None:
+            self.ioapic.trace = tr
+            self.pic.trace = tr
         for v in self.vcpus:
             v.apic.trace = tr
         return tr
