@@ -23,10 +23,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import apicdef as A
-from .errors import GuestFault, MmioExit
+from .errors import GuestFault, IoExit, MmioExit
 from .kvm_host import KVM_REQ_EVENT, KVM_REQ_UNBLOCK
 from .lapic import REJECTED, EoiBroadcast, SendIpi
+from .memory import in_ram
 from .uapi import (
+    KVM_IOAPIC_DEFAULT_BASE_ADDRESS,
     KVM_MP_STATE_HALTED,
     KVM_MP_STATE_RUNNABLE,
     KVM_X86_QUIRK_LAPIC_MMIO_HOLE,
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .vmx.vmx import VmxVcpu
 
 NMI_VECTOR = 2
+PIC_PORTS = frozenset((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1))
 _U64 = (1 << 64) - 1
 _MAX_ROUNDS = 100_000
 
@@ -104,6 +107,50 @@ class GuestMixin:
         self._kvm_run(lambda: None)
         return list(self.taken)
 
+    def ioapic_read(self, offset: int, size: int = 4) -> int:
+        """The guest loads *size* bytes at 0xFEC00000 + *offset* (the IOAPIC window)."""
+        self._check_ioapic(offset, size)
+        out: list[int] = []
+        self._kvm_run(lambda: out.append(self._ioapic_mmio(offset, size, None)))
+        return out[0]
+
+    def ioapic_write(self, offset: int, value: int, size: int = 4) -> None:
+        """The guest stores *value* (*size* bytes) at 0xFEC00000 + *offset*."""
+        self._check_ioapic(offset, size)
+        if not 0 <= value < (1 << (8 * size)):
+            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
+        self._kvm_run(lambda: self._ioapic_mmio(offset, size, value))
+
+    def inb(self, port: int) -> int:
+        """The guest executes IN AL, DX on an in-kernel PIC port (0x20/0x21, 0xA0/0xA1) or
+        ELCR port (0x4D0/0x4D1)."""
+        self._check_port(port)
+        out: list[int] = []
+        self._kvm_run(lambda: out.append(self._pio(port, None)))
+        return out[0]
+
+    def outb(self, port: int, value: int) -> None:
+        """The guest executes OUT DX, AL on an in-kernel PIC or ELCR port."""
+        self._check_port(port)
+        if not 0 <= value <= 0xFF:
+            raise ValueError(f"value {value:#x} does not fit in a byte")
+        self._kvm_run(lambda: self._pio(port, value))
+
+    def guest_load(self, gpa: int, size: int = 4) -> int:
+        """The guest loads *size* bytes of its RAM (no exit)."""
+        self._check_guest_mem(gpa, size)
+        out: list[int] = []
+        self._kvm_run(lambda: out.append(self.vm.mem.read_int(gpa, size)))
+        return out[0]
+
+    def guest_store(self, gpa: int, value: int, size: int = 4) -> None:
+        """The guest stores *value* into its RAM (no exit): e.g. a new TPR into the VAPIC word,
+        or a cleared PV-EOI flag."""
+        self._check_guest_mem(gpa, size)
+        if not 0 <= value < (1 << (8 * size)):
+            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
+        self._kvm_run(lambda: self.vm.mem.write_int(gpa, size, value))
+
     # ------------------------------------------------------------------ where the vCPU is
     @property
     def location(self) -> str:
@@ -151,6 +198,7 @@ class GuestMixin:
             return
         if self._location == "guest":
             self.rflags_if = False  # the agent returns to userspace; its next op starts with CLI
+            self._vm_exit(None)  # the signal's exit
         # (a vCPU taken out of HLT is still in HLT, with the IF it halted with, until an
         # event wakes it)
         self._location = "host"
@@ -168,7 +216,7 @@ class GuestMixin:
                 self._begin_run()
                 work()
             finally:
-                arch.in_guest_mode = False  # the agent's OUT
+                self._vm_exit(None)  # the agent's OUT
                 arch.wants_to_run = False
         self.vm._service_kicks()
 
@@ -187,6 +235,13 @@ class GuestMixin:
         self.arch.in_guest_mode = False
         if reason is not None:
             self.vmx.exit_counts[reason] += 1
+        if self.arch.apic_attention:
+            self._sync_from_vapic()
+
+    def _sync_from_vapic(self) -> None:
+        """vcpu_enter_guest() after every VM exit (and a cancelled entry), with
+        apic_attention set: kvm_lapic_sync_from_vapic (PV-EOI check, VAPIC TPR)."""
+        self._route(self.apic.kvm_lapic_sync_from_vapic(self.vm.mem))
 
     def _exit_in_kernel(self) -> None:
         """vcpu_run after an exit handled in the kernel: KVM_REQ_UNBLOCK is cleared and a
@@ -214,6 +269,8 @@ class GuestMixin:
                 if ev is not None:
                     self._reinject = ev
                     arch.requests |= KVM_REQ_EVENT
+                if arch.apic_attention:
+                    self._sync_from_vapic()  # cancel_injection
                 self._exit_in_kernel()
                 continue
             break
@@ -262,6 +319,10 @@ class GuestMixin:
         for _ in range(_MAX_ROUNDS):
             if not (vmx.apicv and vmx.recognized and self.rflags_if and self.arch.in_guest_mode):
                 return
+            if self.nmi_window_requested and not self.nmi_masked:
+                # SDM: virtual-interrupt delivery has the priority of an interrupt-window exit;
+                # an NMI-window exit (NMI priority) comes first
+                return
             self._deliver(("irq", vmx.deliver()))
         raise RuntimeError("virtual-interrupt delivery did not settle")
 
@@ -288,8 +349,17 @@ class GuestMixin:
         self.rflags_if = if_after  # IRET
 
     def _guest_eoi(self) -> None:
-        """The handler's EOI: WRMSR 0x80B in x2APIC mode, else an MMIO write to base + 0xB0."""
+        """The handler's EOI: with PV EOI enabled, Linux's kvm_guest_apic_eoi_write() first
+        test-and-clears the flag byte and skips the EOI write if it was set; then WRMSR
+        0x80B in x2APIC mode, else an MMIO write to base + 0xB0."""
         apic = self.apic
+        if apic.pv_eoi_enabled():
+            mem = self.vm.mem
+            gpa = apic.pv_eoi_gpa
+            flag = mem.kvm_read_guest_cached(gpa, 1)
+            if flag & 1:
+                mem.kvm_write_guest_cached(gpa, 1, flag & ~1)
+                return
         if apic.x2apic:
             self._guest_wrmsr(A.APIC_BASE_MSR + (A.APIC_EOI >> 4), 0)
         elif apic.hw_enabled:
@@ -352,8 +422,66 @@ class GuestMixin:
             self.arch.pv_unhalted = False
             self._set_mp_state(KVM_MP_STATE_RUNNABLE)
         self._location = "guest"
+        self._exit_in_kernel()  # vcpu_run()'s tail after vcpu_block(): a pending timer
         self._entry()
         self._idle()
+
+    # ------------------------------------------------------------------ devices
+    @staticmethod
+    def _check_ioapic(offset: int, size: int) -> None:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"MMIO size must be 1, 2, 4 or 8, not {size}")
+        if not 0 <= offset <= 0x100 - size:
+            raise ValueError(f"offset {offset:#x} is outside the 256-byte IOAPIC window")
+
+    @staticmethod
+    def _check_port(port: int) -> None:
+        if port not in PIC_PORTS:
+            raise ValueError(f"port {port:#x} is not an in-kernel PIC/ELCR port "
+                             f"({', '.join(hex(p) for p in sorted(PIC_PORTS))})")
+
+    @staticmethod
+    def _check_guest_mem(gpa: int, size: int) -> None:
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
+        if not in_ram(gpa, size):
+            raise ValueError(f"[{gpa:#x}, {gpa + size:#x}) is not guest RAM")
+
+    def _ioapic_mmio(self, offset: int, size: int, value: int | None) -> int:
+        """An IOAPIC access: an MMIO exit (EPT misconfiguration; a TDVMCALL in a TD) that the
+        in-kernel IOAPIC handles, or that goes to userspace when no device claims it."""
+        reason = "TDCALL" if self.td else "EPT_MISCONFIG"
+        gpa = KVM_IOAPIC_DEFAULT_BASE_ADDRESS + offset
+        self._vm_exit(reason)
+        out = self.vm.ioapic_mmio(gpa, size, value)
+        if out is None:
+            raise MmioExit(gpa, size, value is not None)
+        self._exit_in_kernel()
+        self._entry()
+        return out
+
+    def _pio(self, port: int, value: int | None) -> int:
+        """IN/OUT on a PIC port: an I/O-instruction exit the in-kernel PIC handles."""
+        vm = self.vm
+        reason = "TDCALL" if self.td else "IO_INSTRUCTION"
+        pic = vm.pic
+        if pic is None:
+            self._vm_exit(reason)
+            raise IoExit(port, 1, value is not None)
+        out = 0
+
+        def emulate() -> None:
+            nonlocal out
+            if value is None:
+                out = pic.picdev_read(port)
+            else:
+                # kvm_pic_reset() (ICW1) asks whether any vCPU accepts PIC interrupts
+                pic.accept_pic_intr = any(v.apic.kvm_apic_accept_pic_intr() for v in vm.vcpus)
+                pic.picdev_write(port, value)
+            vm._pic_unlock()
+
+        self._reenter_after(emulate, reason)
+        return out
 
     # ------------------------------------------------------------------ APIC accesses
     def _check_mmio(self, offset: int, size: int) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 RAM_START = 0x1000
 RAM_END = 0x1100000  # the KVM backend's RAM memslot ends here (per-vCPU mailboxes below it)
+ROM_START = 0xFFFF0000  # the KVM backend's read-only memslot (reset vector page)
+ROM_END = 0x100000000
 SCRATCH_GPA = 0x80000
 SCRATCH_SIZE = 0x20000
 PAGE = 0x1000
@@ -25,6 +27,13 @@ PAGE = 0x1000
 def in_ram(gpa: int, size: int) -> bool:
     """True if [gpa, gpa + size) lies in the RAM memslot (kvm_gfn_to_hva_cache_init succeeds)."""
     return gpa >= RAM_START and gpa + size <= RAM_END and size >= 0
+
+
+def in_memslot(gpa: int, size: int) -> bool:
+    """True if every byte of [gpa, gpa + size) is in a memslot, read-only ones included
+    (kvm_gfn_to_hva_cache_init succeeds: KVM_SET_VAPIC_ADDR and MSR_KVM_PV_EOI_EN accept
+    it; seen on this host for the ROM slot)."""
+    return in_ram(gpa, size) or (gpa >= ROM_START and gpa + size <= ROM_END)
 
 
 class GuestMemory:
@@ -65,6 +74,18 @@ class GuestMemory:
             page[off:off + n] = data[pos:pos + n]
             gpa += n
             pos += n
+
+    def kvm_read_guest_cached(self, gpa: int, size: int) -> int:
+        """A read through a gfn_to_hva cache: RAM, or the read-only slot. The model does not
+        hold the KVM backend's ROM contents and reads it as zeros."""
+        if in_ram(gpa, size):
+            return self.read_int(gpa, size)
+        return 0
+
+    def kvm_write_guest_cached(self, gpa: int, size: int, value: int) -> None:
+        """A write through a gfn_to_hva cache: dropped for the read-only slot."""
+        if in_ram(gpa, size):
+            self.write_int(gpa, size, value)
 
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.read(gpa, size), "little")

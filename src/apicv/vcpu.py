@@ -29,6 +29,7 @@ from .kvm_host import (
     request_names,
 )
 from .lapic import REJECTED, LocalApic
+from .memory import in_memslot
 from .uapi import (
     EINVAL,
     KVM_APIC_REG_SIZE,
@@ -39,12 +40,14 @@ from .uapi import (
     KVM_MP_STATE_RUNNABLE,
     KVM_MP_STATE_SIPI_RECEIVED,
     KVM_MP_STATE_UNINITIALIZED,
+    KVM_MSR_ENABLED,
     MCG_BANKCNT_MASK,
     MCG_CMCI_P,
     MCG_CTL_P,
     MCG_LMCE_P,
     MCG_SER_P,
     MP_STATE_NAMES,
+    MSR_KVM_PV_EOI_EN,
 )
 from .vmx.tdx import (
     TdxVcpu,
@@ -211,7 +214,19 @@ class Vcpu(GuestMixin):
                 raise KvmError(-r, "KVM_SET_LAPIC",
                                "x2APIC ID in the state does not match the vCPU ID "
                                "(KVM_X2APIC_API_USE_32BIT_IDS)")
+            if self.vm.ioapic is not None:
+                self.vm.ioapic.kvm_rtc_eoi_tracking_restore_one(self)
             self.apic.kvm_lapic_update_cr8_intercept()
+
+    def set_vapic_addr(self, gpa: int) -> None:
+        """KVM_SET_VAPIC_ADDR: the guest-physical address of the 4-byte VAPIC word (0 turns
+        VAPIC syncing off); KvmError(EINVAL) if the word is not in guest RAM."""
+        if not 0 <= gpa <= _U64:
+            raise ValueError(f"VAPIC address {gpa:#x} does not fit in 64 bits")
+        with self.vm._vcpu_context(self):
+            r = self.apic.kvm_lapic_set_vapic_addr(gpa, in_memslot(gpa, 4))
+            if r:
+                raise KvmError(-r, "KVM_SET_VAPIC_ADDR", f"{gpa:#x} is not in a memslot")
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: runs kvm_apic_accept_events first."""
@@ -309,6 +324,8 @@ class Vcpu(GuestMixin):
             return apic.kvm_get_lapic_tscdeadline_msr()
         if index == A.MSR_IA32_TSC:
             return apic.guest_tsc()
+        if index == MSR_KVM_PV_EOI_EN:
+            return self.arch.pv_eoi_msr
         raise ValueError(f"MSR {index:#x} is not modelled by apicv")
 
     def _write_msr(self, index: int, value: int, host: bool) -> bool:
@@ -329,6 +346,9 @@ class Vcpu(GuestMixin):
         if index == A.MSR_IA32_TSC:
             self.arch.tsc_offset = (value - apic.guest_tsc() + self.arch.tsc_offset) & _U64
             return True
+        if index == MSR_KVM_PV_EOI_EN:
+            addr = value & ~KVM_MSR_ENABLED
+            return apic.kvm_lapic_set_pv_eoi(value, in_memslot(addr, 1))
         raise ValueError(f"MSR {index:#x} is not modelled by apicv")
 
     def _run_until_guest(self) -> None:
@@ -368,7 +388,11 @@ class Vcpu(GuestMixin):
             self._set_mp_state(KVM_MP_STATE_RUNNABLE)
         elif st == KVM_MP_STATE_INIT_RECEIVED and not self.apic.pending_events:
             raise VcpuNotRunnable(self.vcpu_id, st, "waiting for SIPI")
+        # vcpu_run()'s tail after vcpu_block() returned 1
         arch.requests &= ~KVM_REQ_UNBLOCK
+        if self.apic.apic_has_pending_timer():
+            self.apic.kvm_inject_apic_timer_irqs()
+            self.vm._after_lapic_change()
 
     def kvm_vcpu_has_events(self) -> bool:
         arch = self.arch
