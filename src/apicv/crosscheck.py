@@ -22,11 +22,16 @@ from typing import Any
 from . import apicdef as A
 from . import uapi as U
 from .errors import ApicvError, GuestFault, KvmError, ScenarioError
-from .scenario import MODEL_ONLY_OPS, Outcome, Runner, Scenario, Step
+from .memory import SCRATCH_GPA
+from .scenario import MODEL_ONLY_OPS, Outcome, Runner, Scenario, Step, decode_irqchip
 from .state import LapicState, diff, vectors_of
 
 GUEST_OPS = {"mmio_read", "mmio_write", "rdmsr", "wrmsr", "write_cr8", "read_cr8",
-             "take_interrupts", "run"}
+             "take_interrupts", "run", "ioapic_read", "ioapic_write", "inb", "outb",
+             "guest_load", "guest_store"}
+# guest RAM compared after every step: the scratch area's first page (VAPIC words, PV-EOI
+# bytes live there in the examples and the fuzzer)
+COMPARED_RAM = (SCRATCH_GPA, 0x1000)
 # TMCCT: how far the two counts may drift (wall time passing between the two backends' reads)
 TMCCT_SLACK_NS = 20_000_000
 
@@ -43,7 +48,10 @@ HOST_DIFFERENCES = {
         "H1", "injected interrupts never enter ISR",
         "an interrupt the guest takes leaves IRR but ISR stays empty and PPR does not rise "
         "(upstream: kvm_apic_ack_interrupt -> apic_set_isr). Probe: MSI 0x41, guest takes it "
-        "without EOI, KVM_GET_LAPIC shows ISR = [] on this host."),
+        "without EOI, KVM_GET_LAPIC shows ISR = [] on this host. The injection itself acts as "
+        "the EOI: an IOAPIC-handled vector's EOI is broadcast when it is injected (a level "
+        "pin's remote IRR clears before the guest EOIs; a still-high line re-fires at once), "
+        "and the guest's own EOI finds nothing to broadcast."),
     "H2": HostDifference(
         "H2", "no event work after exits handled in the kernel",
         "after an in-kernel exit (APIC access, MSR, PIO to the in-kernel PIC) this host "
@@ -271,6 +279,7 @@ class Crosscheck:
                                    f"{APICV_DIFFERENCES[key]}")
                     return
             isr_before = {c.vcpu_id: c.apic.isr for c in mvm.vcpus}
+            eois_before = len(mvm.eoi_broadcasts)
             # H2: a timer expiry pending while it cannot be injected (LVTT masked, APIC off)
             held_timer = {c.vcpu_id for c in mvm.vcpus
                           if c.apic.timer_pending and not c.apic.apic_has_pending_timer()}
@@ -294,6 +303,13 @@ class Crosscheck:
                                    f"vCPU {vid} took {[hex(v) for v in irqs]} with "
                                    + ("no EOI" if not st.args.get("eoi", True)
                                       else "vectors in service"))
+                    return
+                if irqs and len(mvm.eoi_broadcasts) > eois_before:
+                    vec = mvm.eoi_broadcasts[eois_before][1]
+                    res.stopped = (f"step {st.index}: {HOST_DIFFERENCES['H1'].title} (H1): "
+                                   f"vCPU {vid}'s EOI of {vec:#x} reached the IOAPIC in the "
+                                   "model; with nothing in ISR this host's EOI is not "
+                                   "broadcast (remote IRR / RTC tracking stay as they were)")
                     return
             self._compare_outcome(rep, mvm, res)
             self._compare_state(rep, mvm, kvm_vm, bus, min_period)
@@ -376,6 +392,25 @@ class Crosscheck:
             if rows:
                 rep.state_diffs.append((mc.vcpu_id, rows))
                 rep.pages[mc.vcpu_id] = (mp, kp)
+        if mvm.ioapic is not None:
+            # the in-kernel PIC pair and IOAPIC (KVM_GET_IRQCHIP), field by field
+            for chip, name in ((U.KVM_IRQCHIP_PIC_MASTER, "PIC master"),
+                               (U.KVM_IRQCHIP_PIC_SLAVE, "PIC slave"),
+                               (U.KVM_IRQCHIP_IOAPIC, "IOAPIC")):
+                mb, kb = mvm.get_irqchip(chip), kvm_vm.get_irqchip(chip)
+                if mb != kb:
+                    mf, kf = decode_irqchip(chip, mb), decode_irqchip(chip, kb)
+                    for f in mf:
+                        if mf[f] != kf[f]:
+                            rep.mismatches.append(Mismatch(f"{name} {f}", f"{mf[f]:#x}",
+                                                           f"{kf[f]:#x}"))
+        gpa, size = COMPARED_RAM
+        mm, km = mvm.read_guest(gpa, size), kvm_vm.read_guest(gpa, size)
+        if mm != km:
+            at = next(i for i in range(size) if mm[i] != km[i])
+            rep.mismatches.append(Mismatch(f"guest RAM at {gpa + at:#x}",
+                                           mm[at & ~3:(at & ~3) + 4].hex(),
+                                           km[at & ~3:(at & ~3) + 4].hex()))
 
 
 # ---------------------------------------------------------------- reporting

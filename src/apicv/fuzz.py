@@ -19,6 +19,7 @@ import re
 import time
 from typing import Any
 
+from .memory import SCRATCH_GPA
 from .scenario import parse_doc
 
 # ---------------------------------------------------------------- TOML output
@@ -87,6 +88,9 @@ def scenarios(max_steps: int):
                 "spiv", "tpr", "reg_write", "reg_read", "reg_read", "ldr_dfr", "base",
                 "x2apic", "eoi", "set_lapic", "get_lapic", "mp_state", "nmi", "timer",
                 "cr8", "self_ipi", "msr_read", "id", "inhibit",
+                # the rest of the irqchip: IOAPIC, PIC, VAPIC, PV EOI
+                "irq", "irq", "irq", "rte", "rte", "ioapic_read", "pic", "irqchip",
+                "vapic", "pv_eoi",
             ]))
             c = d(cpu)
             if kind == "msi":
@@ -219,6 +223,73 @@ def scenarios(max_steps: int):
                             "value": d(st.sampled_from([0xB, 0x0, 0xA]))}
                 return {"do": "wrmsr", "vcpu": c, "index": "TSC_DEADLINE",
                         "value": d(st.sampled_from([0, 1, 0xFFFFFFFFFFFF]))}
+            if kind == "irq":
+                return {"do": "irq_line", "irq": d(st.sampled_from(
+                    [16, 17, 18, 19, 20, 21, 22, 23, 8, 1, 4, 9, 14, 24])),
+                    "level": d(st.sampled_from([1, 1, 0]))}
+            if kind == "rte":
+                pin = d(st.sampled_from([16, 17, 18, 19, 20, 21, 22, 23, 8, 1, 4, 9, 14]))
+                e = (d(vectors) | d(st.sampled_from([0, 0, 0, 1, 2, 4, 5, 7])) << 8
+                     | d(st.sampled_from([0, 0x800])) | d(st.sampled_from([0, 0x8000]))
+                     | d(st.sampled_from([0, 0, 0x10000])) | d(dests) << 56)
+                if d(st.booleans()):
+                    return {"do": "set_irqchip", "chip": "IOAPIC", "patch": {f"rte{pin}": e}}
+                half = d(st.sampled_from([0, 0, 1]))  # low dword (most changes) or high
+                sel = 0x10 + 2 * pin + half
+                return [{"do": "ioapic_write", "vcpu": c, "offset": 0, "value": sel},
+                        {"do": "ioapic_write", "vcpu": c, "offset": 0x10,
+                         "value": (e >> (32 * half)) & 0xFFFFFFFF}]
+            if kind == "ioapic_read":
+                sel = d(st.sampled_from([0, 1, 2, 0x10, 0x21, 0x30, 0x3F, 0x40, 0xFF]))
+                return [{"do": "ioapic_write", "vcpu": c, "offset": 0, "value": sel},
+                        {"do": "ioapic_read", "vcpu": c, "offset": d(st.sampled_from(
+                            [0x10, 0x10, 0, 0x20])), "size": d(st.sampled_from([4, 4, 1, 8]))}]
+            if kind == "pic":
+                which = d(st.sampled_from(["imr", "eoi", "ocw3", "read", "elcr"]))
+                if which == "imr":
+                    return {"do": "outb", "vcpu": c, "port": d(st.sampled_from([0x21, 0xA1])),
+                            "value": d(st.sampled_from([0, 0xFF, 0xFB, 0xEF, 0x12]))}
+                if which == "eoi":
+                    return {"do": "outb", "vcpu": c, "port": d(st.sampled_from([0x20, 0xA0])),
+                            "value": d(st.sampled_from([0x20, 0x60, 0x61, 0xA0]))}
+                if which == "ocw3":
+                    return {"do": "outb", "vcpu": c, "port": d(st.sampled_from([0x20, 0xA0])),
+                            "value": d(st.sampled_from([0x0A, 0x0B, 0x0C, 0x68, 0x48]))}
+                if which == "elcr":
+                    return {"do": "outb", "vcpu": c, "port": d(st.sampled_from([0x4D0, 0x4D1])),
+                            "value": d(st.sampled_from([0, 0x10, 0xFF]))}
+                return {"do": "inb", "vcpu": c, "port": d(st.sampled_from(
+                    [0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1]))}
+            if kind == "irqchip":
+                chip = d(st.sampled_from(["IOAPIC", "PIC_MASTER", "PIC_SLAVE"]))
+                if d(st.booleans()):
+                    return {"do": "get_irqchip", "chip": chip}
+                if chip == "IOAPIC":
+                    return {"do": "set_irqchip", "chip": chip, "patch": {
+                        "irr": d(st.sampled_from([0, 1 << 16, 1 << 17 | 1 << 8, 0xFFFFFF])),
+                        "id": d(st.sampled_from([0, 3, 0xFFFFFFFF]))}}
+                return {"do": "set_irqchip", "chip": chip, "patch": {
+                    "imr": d(st.sampled_from([0, 0xFF, 0xFB])),
+                    "irq_base": d(st.sampled_from([0x20, 0x28, 0x70])),
+                    "irr": d(st.sampled_from([0, 0x10, 0x3]))}}
+            if kind == "vapic":
+                which = d(st.sampled_from(["addr", "store", "load"]))
+                word = SCRATCH_GPA + 4 * d(st.integers(0, 3))
+                if which == "addr":
+                    return {"do": "set_vapic_addr", "vcpu": c, "gpa": d(st.sampled_from(
+                        [word, word, 0, 0xFEE00000]))}
+                if which == "store":
+                    return {"do": "guest_store", "vcpu": c, "gpa": word, "size": 1,
+                            "value": d(st.sampled_from([0, 0x20, 0x5F, 0xF0]))}
+                return {"do": "guest_load", "vcpu": c, "gpa": word}
+            if kind == "pv_eoi":
+                flag = SCRATCH_GPA + 0x100 + 4 * c
+                which = d(st.sampled_from(["enable", "enable", "off", "bad", "clear"]))
+                if which == "clear":
+                    return {"do": "guest_store", "vcpu": c, "gpa": flag, "value": 0, "size": 1}
+                value = {"enable": flag | 1, "off": 0,
+                         "bad": d(st.sampled_from([flag | 3, 0xFEE00001, flag + 2]))}[which]
+                return {"do": "wrmsr", "vcpu": c, "index": "KVM_PV_EOI_EN", "value": value}
             raise AssertionError(kind)
 
         # start like a guest would: APs runnable, every APIC software-enabled
@@ -227,12 +298,25 @@ def scenarios(max_steps: int):
             steps.append({"do": "set_mp_state", "vcpu": i, "state": "RUNNABLE"})
         for i in ids:
             steps.append({"do": "mmio_write", "vcpu": i, "offset": "SPIV", "value": 0x1FF})
+        # the BSP's LVT0 accepts ExtINT at reset: give the PIC vectors >= 0x20 the way an OS
+        # does (ICW1-ICW4), or mask it
+        if draw(st.booleans()):
+            for port, val in ((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01),
+                              (0xA0, 0x11), (0xA1, 0x28), (0xA1, 0x02), (0xA1, 0x01),
+                              (0x21, draw(st.sampled_from([0, 0xFB, 0xEE])))):
+                steps.append({"do": "outb", "vcpu": 0, "port": port, "value": val})
+        else:
+            steps.append({"do": "set_irqchip", "chip": "PIC_MASTER",
+                          "patch": {"imr": 0xFF, "irq_base": 0x20}})
+            steps.append({"do": "set_irqchip", "chip": "PIC_SLAVE",
+                          "patch": {"imr": 0xFF, "irq_base": 0x28}})
         n = draw(st.integers(1, max_steps))
         for _ in range(n):
             s = step(draw)
-            if s.pop("_save_first", False):
-                steps.append({"do": "get_lapic", "vcpu": s["vcpu"], "save": s["from"]})
-            steps.append(s)
+            for one in (s if isinstance(s, list) else [s]):
+                if one.pop("_save_first", False):
+                    steps.append({"do": "get_lapic", "vcpu": one["vcpu"], "save": one["from"]})
+                steps.append(one)
         doc: dict[str, Any] = {"vm": {"vcpus": nr}, "step": steps}
         if flags:
             doc["vm"]["x2apic_api"] = flags

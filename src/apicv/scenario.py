@@ -46,12 +46,46 @@ MSR_NAMES = {
     "APIC_BASE": A.MSR_IA32_APICBASE,
     "IA32_TSC_DEADLINE": A.MSR_IA32_TSC_DEADLINE, "TSC_DEADLINE": A.MSR_IA32_TSC_DEADLINE,
     "IA32_TSC": A.MSR_IA32_TSC, "TSC": A.MSR_IA32_TSC,
+    "KVM_PV_EOI_EN": U.MSR_KVM_PV_EOI_EN, "PV_EOI_EN": U.MSR_KVM_PV_EOI_EN,
 }
 for _r in BY_NAME.values():
     MSR_NAMES[f"X2APIC_{_r.short.upper()}"] = _r.msr
     MSR_NAMES[f"X2APIC_{_r.name.upper()}"] = _r.msr
 
 MP_STATES = {name: num for num, name in U.MP_STATE_NAMES.items()}
+CHIPS = {"PIC_MASTER": U.KVM_IRQCHIP_PIC_MASTER, "PIC_SLAVE": U.KVM_IRQCHIP_PIC_SLAVE,
+         "IOAPIC": U.KVM_IRQCHIP_IOAPIC}
+# struct kvm_pic_state / struct kvm_ioapic_state field names (lower case in scenarios)
+PIC_FIELDS = ("last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select",
+              "poll", "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+              "special_fully_nested_mode", "init4", "elcr", "elcr_mask")
+IOAPIC_FIELDS = ("base_address", "ioregsel", "id", "irr", "pad") + tuple(
+    f"rte{i}" for i in range(U.KVM_IOAPIC_NUM_PINS))
+_IOAPIC_FMT = "<QIIII24Q"
+
+
+def chip_fields(chip: int) -> tuple[str, ...]:
+    return IOAPIC_FIELDS if chip == U.KVM_IRQCHIP_IOAPIC else PIC_FIELDS
+
+
+def decode_irqchip(chip: int, data: bytes) -> dict[str, int]:
+    """KVM_GET_IRQCHIP bytes as a field table (struct kvm_pic_state / kvm_ioapic_state)."""
+    import struct
+
+    if chip == U.KVM_IRQCHIP_IOAPIC:
+        vals = struct.unpack_from(_IOAPIC_FMT, data)
+    else:
+        vals = tuple(data[:U.KVM_PIC_STATE_SIZE])
+    return dict(zip(chip_fields(chip), vals, strict=True))
+
+
+def encode_irqchip(chip: int, fields: dict[str, int]) -> bytes:
+    import struct
+
+    vals = [fields[f] for f in chip_fields(chip)]
+    if chip == U.KVM_IRQCHIP_IOAPIC:
+        return struct.pack(_IOAPIC_FMT, *vals)
+    return bytes(vals)
 X2APIC_API_FLAGS = {
     "USE_32BIT_IDS": U.KVM_X2APIC_API_USE_32BIT_IDS,
     "DISABLE_BROADCAST_QUIRK": U.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
@@ -103,6 +137,22 @@ OPS: dict[str, dict[str, tuple[str, bool]]] = {
     "leave_guest": {"vcpu": ("vcpu", True)},
     "location": {"vcpu": ("vcpu", True)},
     "run": {"vcpu": ("vcpu", True)},
+    # the rest of the irqchip: IOAPIC and PIC (KVM_IRQ_LINE_STATUS, KVM_GET/SET_IRQCHIP, guest
+    # MMIO and port I/O), guest memory, VAPIC
+    "irq_line": {"irq": ("int", True), "level": ("int", True)},
+    "get_irqchip": {"chip": ("chip", True)},
+    "set_irqchip": {"chip": ("chip", True), "patch": ("chipfields", True)},
+    "ioapic_read": {"vcpu": ("vcpu", True), "offset": ("int", True), "size": ("int", False)},
+    "ioapic_write": {"vcpu": ("vcpu", True), "offset": ("int", True), "value": ("int", True),
+                     "size": ("int", False)},
+    "inb": {"vcpu": ("vcpu", True), "port": ("int", True)},
+    "outb": {"vcpu": ("vcpu", True), "port": ("int", True), "value": ("int", True)},
+    "guest_load": {"vcpu": ("vcpu", True), "gpa": ("int", True), "size": ("int", False)},
+    "guest_store": {"vcpu": ("vcpu", True), "gpa": ("int", True), "value": ("int", True),
+                    "size": ("int", False)},
+    "read_guest": {"gpa": ("int", True), "size": ("int", False)},
+    "write_guest": {"gpa": ("int", True), "value": ("int", True), "size": ("int", False)},
+    "set_vapic_addr": {"vcpu": ("vcpu", True), "gpa": ("int", True)},
 }
 # steps the real-KVM backend cannot take (it never leaves a vCPU resting in KVM_RUN)
 MODEL_ONLY_OPS = frozenset({"enter_guest", "halt", "leave_guest", "location"})
@@ -217,6 +267,12 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
         return [parse_int(x, file, step, fld) for x in v]
     if kind == "regs":
         return parse_regs(v, file, step, fld)
+    if kind == "chip":
+        return parse_int(v, file, step, fld, CHIPS)
+    if kind == "chipfields":
+        if not isinstance(v, dict):
+            raise _err(file, step, fld, "expected a table of field = value")
+        return {k.lower(): parse_int(x, file, step, f"{fld}.{k}") for k, x in v.items()}
     raise AssertionError(kind)
 
 
@@ -339,11 +395,15 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
                 raise _err(file, i, k, f"missing (required by {op})")
         if "vcpu" in args and args["vcpu"] not in ids:
             raise _err(file, i, "vcpu", f"no vCPU {args['vcpu']} (the VM has {ids})")
+        if op == "set_irqchip":
+            _check_chip_fields(args["chip"], args["patch"], file, i, "patch")
         if op == "set_lapic" and ("from" in args) == ("file" in args):
             raise _err(file, i, "from", "set_lapic needs exactly one of 'from' or 'file'")
         if "expect" in t:
             st.has_expect = True
             st.expect = _parse_expect(op, t["expect"], file, i)
+            if op == "get_irqchip":
+                _check_chip_fields(args["chip"], st.expect, file, i, "expect")
         if "expect_fault" in t:
             st.expect_fault = parse_int(t["expect_fault"], file, i, "expect_fault")
         if "expect_errno" in t:
@@ -354,9 +414,24 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
     return sc
 
 
+def _check_chip_fields(chip: int, table: dict[str, int], file, i, fld) -> None:
+    names = chip_fields(chip)
+    for k, val in table.items():
+        if k not in names:
+            raise _err(file, i, f"{fld}.{k}", f"unknown field (known: {', '.join(names[:6])}"
+                                              f"{', rte0..rte23' if len(names) > 16 else ''}"
+                                              f"{', ...' if len(names) <= 16 else ''})")
+        width = 64 if k.startswith("rte") or k == "base_address" else (
+            32 if chip == U.KVM_IRQCHIP_IOAPIC else 8)
+        if not 0 <= val < 1 << width:
+            raise _err(file, i, f"{fld}.{k}", f"{val:#x} does not fit in {width} bits")
+
+
 def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
     if op == "get_lapic":
         return parse_regs(v, file, i, "expect")
+    if op == "get_irqchip":
+        return _parse_value("chipfields", v, file, i, "expect")
     if op in ("take_interrupts",):
         if not isinstance(v, list):
             raise _err(file, i, "expect", "expected a list of vectors")
@@ -412,6 +487,8 @@ class Outcome:
         v = self.value
         if self.step.op == "get_lapic":
             return "1024-byte state"
+        if isinstance(v, bytes):
+            return f"{len(v)}-byte state {v.hex()}"
         if self.step.op == "get_mp_state" and isinstance(v, int):
             return U.MP_STATE_NAMES.get(v, str(v))
         if isinstance(v, list):
@@ -516,6 +593,35 @@ class Runner:
             return cpu.location
         if op == "run":
             return cpu.run()
+        if op == "irq_line":
+            return vm.irq_line(a["irq"], a["level"])
+        if op == "get_irqchip":
+            return vm.get_irqchip(a["chip"])
+        if op == "set_irqchip":
+            fields = decode_irqchip(a["chip"], vm.get_irqchip(a["chip"]))
+            fields.update(a["patch"])
+            return vm.set_irqchip(a["chip"], encode_irqchip(a["chip"], fields))
+        if op == "ioapic_read":
+            return cpu.ioapic_read(a["offset"], a.get("size", 4))
+        if op == "ioapic_write":
+            return cpu.ioapic_write(a["offset"], a["value"], a.get("size", 4))
+        if op == "inb":
+            return cpu.inb(a["port"])
+        if op == "outb":
+            return cpu.outb(a["port"], a["value"])
+        if op == "guest_load":
+            return cpu.guest_load(a["gpa"], a.get("size", 4))
+        if op == "guest_store":
+            return cpu.guest_store(a["gpa"], a["value"], a.get("size", 4))
+        if op == "read_guest":
+            return int.from_bytes(vm.read_guest(a["gpa"], a.get("size", 4)), "little")
+        if op == "write_guest":
+            size = a.get("size", 4)
+            if not 0 <= a["value"] < 1 << (8 * size):
+                raise ValueError(f"value {a['value']:#x} does not fit in {size} bytes")
+            return vm.write_guest(a["gpa"], a["value"].to_bytes(size, "little"))
+        if op == "set_vapic_addr":
+            return cpu.set_vapic_addr(a["gpa"])
         raise AssertionError(op)
 
     def lapic_page(self, st: Step) -> bytes:
@@ -560,6 +666,11 @@ class Runner:
         if st.has_expect:
             if st.op == "get_lapic":
                 return check_state_expect(out.value, st.expect)
+            if st.op == "get_irqchip":
+                got = decode_irqchip(st.args["chip"], out.value)
+                bad = [f"{k} = {got[k]:#x}, expected {w:#x}" for k, w in st.expect.items()
+                       if got[k] != w]
+                return "; ".join(bad) or None
             if out.value != st.expect:
                 return f"returned {out.result_text()}, expected {_fmt(st.expect)}"
         return None
