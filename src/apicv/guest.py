@@ -450,8 +450,14 @@ class GuestMixin:
     def _ioapic_mmio(self, offset: int, size: int, value: int | None) -> int:
         """An IOAPIC access: an MMIO exit (EPT misconfiguration; a TDVMCALL in a TD) that the
         in-kernel IOAPIC handles, or that goes to userspace when no device claims it."""
-        reason = "TDCALL" if self.td else "EPT_MISCONFIG"
         gpa = KVM_IOAPIC_DEFAULT_BASE_ADDRESS + offset
+        base = self.apic.base_address
+        if base <= gpa and gpa + size <= base + 0x1000:
+            # vcpu_mmio_read/write ask the vCPU's LAPIC first: an APIC base moved onto the
+            # IOAPIC window hides the IOAPIC from this vCPU
+            return self._mmio(gpa - base, size, value)
+        self.last_read_undefined = False
+        reason = "TDCALL" if self.td else "EPT_MISCONFIG"
         self._vm_exit(reason)
         out = self.vm.ioapic_mmio(gpa, size, value)
         if out is None:
