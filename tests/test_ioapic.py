@@ -394,3 +394,18 @@ def test_split_irqchip_has_no_in_kernel_ioapic():
         vm.get_irqchip(KVM_IRQCHIP_IOAPIC)
     assert e.value.errno == apicv.ENXIO
     assert vm.irq_line(16, 1) == -1
+
+
+def test_apic_base_on_the_ioapic_window_hides_the_ioapic():
+    """vcpu_mmio_read/write ask the vCPU's own LAPIC before the MMIO bus: with IA32_APIC_BASE
+    moved to 0xFEC00000, that vCPU's accesses to the window reach its LAPIC (seen on this
+    host: the 'IOWIN' read is a rejected LAPIC read), while other vCPUs still see the IOAPIC."""
+    vm = make_vm(2)
+    cpu0, cpu1 = vm.vcpus
+    cpu0.wrmsr(A.MSR_IA32_APICBASE, 0xFEC00900)
+    cpu0.ioapic_write(0x80, 0x30)  # LAPIC TPR
+    assert cpu0.get_lapic()[A.APIC_TASKPRI] == 0x30
+    cpu0.ioapic_read(0x10)
+    assert cpu0.last_read_undefined  # LAPIC offset 0x10 is not readable
+    cpu1.ioapic_write(0x00, 0x01)
+    assert cpu1.ioapic_read(0x10) == 0x00170011
