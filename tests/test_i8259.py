@@ -500,9 +500,14 @@ steps = st.lists(st.tuples(st.integers(0, 15), st.integers(0, 1)), max_size=24)
 
 
 def loaded(master: bytes, slave: bytes) -> KvmPic:
+    """Both chips loaded with KVM_SET_IRQCHIP, then one more kvm_pic_update_irq() so that the
+    output is settled: with master last_irr bit 2 set and a slave request, the first update
+    only clears last_irr and the next one raises master IRR bit 2 (any later line change
+    would do that update, masked pin or not)."""
     p = KvmPic()
     p.set_state(1, slave)
     p.set_state(0, master)
+    p.kvm_pic_update_irq()
     return p
 
 
