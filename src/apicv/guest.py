@@ -457,37 +457,34 @@ class GuestMixin:
             # IOAPIC window hides the IOAPIC from this vCPU
             return self._mmio(gpa - base, size, value)
         self.last_read_undefined = False
-        reason = "TDCALL" if self.td else "EPT_MISCONFIG"
-        self._vm_exit(reason)
-        out = self.vm.ioapic_mmio(gpa, size, value)
-        if out is None:
-            raise MmioExit(gpa, size, value is not None)
-        self._exit_in_kernel()
-        self._entry()
-        return out
+
+        def emulate() -> int:
+            out = self.vm.ioapic_mmio(gpa, size, value)
+            if out is None:
+                raise MmioExit(gpa, size, value is not None)
+            return out
+
+        return self._reenter_after(emulate, "TDCALL" if self.td else "EPT_MISCONFIG")
 
     def _pio(self, port: int, value: int | None) -> int:
         """IN/OUT on a PIC port: an I/O-instruction exit the in-kernel PIC handles."""
         vm = self.vm
-        reason = "TDCALL" if self.td else "IO_INSTRUCTION"
         pic = vm.pic
-        if pic is None:
-            self._vm_exit(reason)
-            raise IoExit(port, 1, value is not None)
-        out = 0
 
-        def emulate() -> None:
-            nonlocal out
+        def emulate() -> int:
+            if pic is None:
+                raise IoExit(port, 1, value is not None)  # no in-kernel PIC: userspace
             if value is None:
                 out = pic.picdev_read(port)
             else:
                 # kvm_pic_reset() (ICW1) asks whether any vCPU accepts PIC interrupts
                 pic.accept_pic_intr = any(v.apic.kvm_apic_accept_pic_intr() for v in vm.vcpus)
                 pic.picdev_write(port, value)
+                out = 0
             vm._pic_unlock()
+            return out
 
-        self._reenter_after(emulate, reason)
-        return out
+        return self._reenter_after(emulate, "TDCALL" if self.td else "IO_INSTRUCTION")
 
     # ------------------------------------------------------------------ APIC accesses
     def _check_mmio(self, offset: int, size: int) -> None:

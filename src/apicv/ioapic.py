@@ -322,8 +322,7 @@ class KvmIoapic:
                 continue
             if self.irr >> i & 1 and not e & RTE_REMOTE_IRR:
                 self.ioapic_service(i, False)
-        self.vm._after_device_change()
-        return False
+        return False  # (the clock's after_fire hook delivers to kicked vCPUs)
 
     # ------------------------------------------------------------------ scan
     def kvm_ioapic_scan_entry(self, vcpu) -> int:

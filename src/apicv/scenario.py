@@ -29,6 +29,7 @@ Unknown keys and bad values are errors that name the file, the step and the fiel
 from __future__ import annotations
 
 import errno as _errno
+import struct
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,8 +71,6 @@ def chip_fields(chip: int) -> tuple[str, ...]:
 
 def decode_irqchip(chip: int, data: bytes) -> dict[str, int]:
     """KVM_GET_IRQCHIP bytes as a field table (struct kvm_pic_state / kvm_ioapic_state)."""
-    import struct
-
     if chip == U.KVM_IRQCHIP_IOAPIC:
         vals = struct.unpack_from(_IOAPIC_FMT, data)
     else:
@@ -80,8 +79,6 @@ def decode_irqchip(chip: int, data: bytes) -> dict[str, int]:
 
 
 def encode_irqchip(chip: int, fields: dict[str, int]) -> bytes:
-    import struct
-
     vals = [fields[f] for f in chip_fields(chip)]
     if chip == U.KVM_IRQCHIP_IOAPIC:
         return struct.pack(_IOAPIC_FMT, *vals)

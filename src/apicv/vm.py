@@ -259,12 +259,7 @@ class Vm:
             raise KvmError(U.EINVAL, "KVM_SIGNAL_MSI", "unknown flags")
         r = self.router.kvm_set_msi(address_lo & 0xFFFFFFFF, address_hi & 0xFFFFFFFF,
                                     data & 0xFFFFFFFF)
-        if self.kvm.kicked:
-            self._service_kicks()
-        tr = self.trace
-        if tr is not None:
-            for v in self.vcpus:
-                tr.apic_state(v.apic)
+        self._after_delivery()
         if r < 0:
             raise KvmError(-r, "KVM_SIGNAL_MSI",
                            "no APIC matched the destination" if r == -1
@@ -458,21 +453,20 @@ class Vm:
         for the GSI), 0 if coalesced, else a positive count (1 for a lowered line)."""
         if not 0 <= irq <= 0xFFFFFFFF:
             raise ValueError(f"GSI {irq} does not fit in 32 bits")
+        level = int(bool(level))
         tr = self.trace
         if tr is not None:
-            tr.kvm_set_irq(irq, int(bool(level)), U.KVM_USERSPACE_IRQ_SOURCE_ID)
+            tr.kvm_set_irq(irq, level, U.KVM_USERSPACE_IRQ_SOURCE_ID)
         ret = -1
         ioapic = self.ioapic
         if ioapic is not None and irq < U.KVM_IOAPIC_NUM_PINS:
             # default routing: GSI n -> IOAPIC pin n, and for n < 16 the PIC pin n too; the
             # routes run IOAPIC first (kvm_irq_map_gsi lists them in reverse)
-            r = ioapic.kvm_ioapic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID, int(bool(level)),
-                                          True)
+            r = ioapic.kvm_ioapic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID, level, True)
             if r >= 0:
                 ret = r
             if irq < 16:
-                r = self.pic.kvm_pic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID,
-                                             int(bool(level)))
+                r = self.pic.kvm_pic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID, level)
                 self._pic_unlock()
                 if r >= 0:
                     ret = r + max(ret, 0)
@@ -507,7 +501,7 @@ class Vm:
             self.ioapic.kvm_set_ioapic(data)
         else:
             err = KvmError(U.EINVAL, "KVM_SET_IRQCHIP", f"chip_id {chip_id}")
-        self.pic.pic_update_irq()  # kvm_pic_update_irq(), whatever the chip
+        self.pic.kvm_pic_update_irq()  # whatever the chip
         self._pic_unlock()
         self._after_device_change()
         if err is not None:
@@ -541,9 +535,13 @@ class Vm:
                 return
 
     def _after_device_change(self) -> None:
-        """After an IOAPIC/PIC operation from userspace or a device timer: deliver to vCPUs
-        resting in guest mode or HLT, and sample the timeline."""
+        """After an IOAPIC/PIC ioctl: what a LAPIC change needs, then the delivery tail."""
         self._after_lapic_change()
+        self._after_delivery()
+
+    def _after_delivery(self) -> None:
+        """After a VM-level delivery (MSI, IRQ line, irqchip restore): deliver to vCPUs
+        resting in guest mode or HLT, and sample the timeline."""
         if self.kvm.kicked:
             self._service_kicks()
         tr = self.trace
