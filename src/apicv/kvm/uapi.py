@@ -382,8 +382,15 @@ class _kvm_run_eoi(_Struct):
     _fields_ = [("vector", u8)]
 
 
+class _kvm_run_msr(_Struct):
+    """KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR (KVM_CAP_X86_USER_SPACE_MSR)."""
+
+    _fields_ = [("error", u8), ("pad", u8 * 7), ("reason", u32), ("index", u32), ("data", u64)]
+
+
 class _kvm_run_exit_union(ctypes.Union):
     _fields_ = [
+        ("msr", _kvm_run_msr),
         ("hw", _kvm_run_hw),
         ("fail_entry", _kvm_run_fail_entry),
         ("ex", _kvm_run_ex),
@@ -438,6 +445,8 @@ KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_IOAPIC_EOI = 26
 KVM_EXIT_X86_RDMSR = 29
 KVM_EXIT_X86_WRMSR = 30
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
 KVM_EXIT_AP_RESET_HOLD = 32
 KVM_EXIT_NOTIFY = 37
 KVM_EXIT_MEMORY_FAULT = 39
@@ -458,6 +467,33 @@ KVM_CAP_TSC_CONTROL = 60
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_VM_TSC_CONTROL = 214
+KVM_CAP_TSC_DEADLINE_TIMER = 72
+KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_X86_MSR_FILTER = 189
+
+# KVM_CAP_X86_USER_SPACE_MSR: which failed guest MSR accesses exit to userspace
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+
+
+class kvm_interrupt(_Struct):
+    _fields_ = [("irq", u32)]
+
+
+class kvm_msr_filter_range(_Struct):
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("bitmap", ctypes.c_void_p)]
+
+
+KVM_MSR_FILTER_MAX_RANGES = 16
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
+KVM_MSR_FILTER_DEFAULT_DENY = 1
+
+
+class kvm_msr_filter(_Struct):
+    _fields_ = [("flags", u32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
 
 # ---------------------------------------------------------------- ioctl numbers
 # system (/dev/kvm)
@@ -472,7 +508,11 @@ KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
 KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)
+KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
 KVM_IRQ_LINE_STATUS = _IOWR(KVMIO, 0x67, kvm_irq_level)
+KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
+KVM_X86_SET_MSR_FILTER = _IOW(KVMIO, 0xC6, kvm_msr_filter)
 KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, kvm_irq_routing)
 KVM_SET_BOOT_CPU_ID = _IO(KVMIO, 0x78)
 KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
@@ -481,6 +521,7 @@ KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 # vCPU
 KVM_RUN = _IO(KVMIO, 0x80)
+KVM_INTERRUPT = _IOW(KVMIO, 0x86, kvm_interrupt)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
 KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)

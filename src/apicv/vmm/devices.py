@@ -1,0 +1,174 @@
+"""The port-I/O devices a test kernel needs, as QEMU's PC machine has them:
+
+* COM1 at 0x3F8: enough of the 16550 UART for polled output (THR, LSR with THRE|TEMT always
+  set, the divisor latch behind LCR.DLAB, IER/IIR/FCR/MCR/MSR/SCR), no receive, no interrupt;
+* isa-debug-exit at 0xF4 (4 ports): a write ends the VM with exit status ``(value << 1) | 1``;
+* fw_cfg's legacy I/O interface: a 16-bit selector write to 0x510, byte reads from 0x511
+  (signature, ID, RAM size, number of CPUs, max CPUs);
+* QEMU's pc-testdev: an 8-bit write of v to 0x2000 + n (n < 24) sets ISA IRQ line n to !!v;
+  0xE0 is a 4-byte latch; 0xE4 ("flush page") is accepted and ignored.
+
+Every other port reads as all ones and ignores writes. Devices never touch the interrupt
+controller themselves: the test device calls the ``irq_line`` function it was given.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+COM1 = 0x3F8
+DEBUG_EXIT = 0xF4
+FW_CFG_CTL = 0x510
+FW_CFG_DATA = 0x511
+TESTDEV_IRQ = 0x2000
+TESTDEV_NR_IRQS = 24
+TESTDEV_LATCH = 0xE0
+TESTDEV_FLUSH = 0xE4
+
+FW_CFG_SIGNATURE = 0x00
+FW_CFG_ID = 0x01
+FW_CFG_RAM_SIZE = 0x03
+FW_CFG_NB_CPUS = 0x05
+FW_CFG_MAX_CPUS = 0x0F
+
+UART_LSR_THRE = 0x20
+UART_LSR_TEMT = 0x40
+UART_LCR_DLAB = 0x80
+
+
+class Serial16550:
+    """A polled 16550 at *base*: characters written to THR go to *sink* (bytes)."""
+
+    def __init__(self, sink: Callable[[bytes], None], base: int = COM1) -> None:
+        self.base = base
+        self.sink = sink
+        self.lcr = 0
+        self.dll = 0
+        self.dlm = 0
+        self.ier = 0
+        self.fcr = 0
+        self.mcr = 0
+        self.scr = 0
+
+    def read(self, port: int) -> int:
+        r = port - self.base
+        dlab = self.lcr & UART_LCR_DLAB
+        if r == 0:
+            return self.dll if dlab else 0  # RBR: nothing is ever received
+        if r == 1:
+            return self.dlm if dlab else self.ier
+        if r == 2:
+            return 0xC1 if self.fcr & 1 else 0x01  # IIR: no interrupt pending (FIFOs on)
+        if r == 3:
+            return self.lcr
+        if r == 4:
+            return self.mcr
+        if r == 5:
+            return UART_LSR_THRE | UART_LSR_TEMT  # the transmitter is always empty
+        if r == 6:
+            return 0xB0  # MSR: DCD, DSR, CTS
+        return self.scr
+
+    def write(self, port: int, value: int) -> None:
+        r = port - self.base
+        value &= 0xFF
+        dlab = self.lcr & UART_LCR_DLAB
+        if r == 0:
+            if dlab:
+                self.dll = value
+            else:
+                self.sink(bytes((value,)))
+        elif r == 1:
+            if dlab:
+                self.dlm = value
+            else:
+                self.ier = value & 0x0F
+        elif r == 2:
+            self.fcr = value
+        elif r == 3:
+            self.lcr = value
+        elif r == 4:
+            self.mcr = value & 0x1F
+        elif r == 7:
+            self.scr = value
+
+
+class FwCfg:
+    """fw_cfg's legacy selector/data ports with the items a test kernel reads."""
+
+    def __init__(self, nr_cpus: int, ram_size: int) -> None:
+        self.items: dict[int, bytes] = {
+            FW_CFG_SIGNATURE: b"QEMU",
+            FW_CFG_ID: struct.pack("<I", 1),  # the traditional interface, no DMA
+            FW_CFG_RAM_SIZE: struct.pack("<Q", ram_size),
+            FW_CFG_NB_CPUS: struct.pack("<H", nr_cpus),
+            FW_CFG_MAX_CPUS: struct.pack("<H", nr_cpus),
+        }
+        self.key = 0
+        self.offset = 0
+
+    def select(self, key: int) -> None:
+        self.key = key & 0xFFFF
+        self.offset = 0
+
+    def read_byte(self) -> int:
+        data = self.items.get(self.key & 0x3FFF, b"")
+        if self.offset < len(data):
+            v = data[self.offset]
+            self.offset += 1
+            return v
+        return 0
+
+
+class PortBus:
+    """Port dispatch for the VMM. ``irq_line(n, level)`` is the interrupt controller's ISA
+    line; ``on_exit(status)`` is called by isa-debug-exit; ``pic`` (optional) is
+    ``(read(port), write(port, value))`` for the PIC/ELCR ports of a userspace irqchip."""
+
+    PIC_PORTS = frozenset((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1))
+
+    def __init__(self, *, serial: Serial16550, fw_cfg: FwCfg,
+                 irq_line: Callable[[int, int], None], on_exit: Callable[[int], None],
+                 pic: tuple[Callable[[int], int], Callable[[int, int], None]] | None = None
+                 ) -> None:
+        self.serial = serial
+        self.fw_cfg = fw_cfg
+        self.irq_line = irq_line
+        self.on_exit = on_exit
+        self.pic = pic
+        self.latch = 0
+        self.irq_levels = [0] * TESTDEV_NR_IRQS
+
+    def read(self, port: int, size: int) -> int:
+        ones = (1 << (8 * size)) - 1
+        s = self.serial
+        if s.base <= port < s.base + 8:
+            return s.read(port)
+        if port == FW_CFG_DATA:
+            return self.fw_cfg.read_byte()
+        if port == TESTDEV_LATCH:
+            return self.latch & ones
+        if self.pic is not None and port in self.PIC_PORTS:
+            return self.pic[0](port)
+        return ones
+
+    def write(self, port: int, size: int, value: int) -> None:
+        s = self.serial
+        if s.base <= port < s.base + 8:
+            s.write(port, value)
+        elif DEBUG_EXIT <= port < DEBUG_EXIT + 4:
+            # QEMU's isa-debug-exit: exit((val << 1) | 1), val as wide as the access
+            self.on_exit(((value << 1) | 1) & 0xFF)
+        elif port == FW_CFG_CTL:
+            self.fw_cfg.select(value)
+        elif TESTDEV_IRQ <= port < TESTDEV_IRQ + TESTDEV_NR_IRQS:
+            n = port - TESTDEV_IRQ
+            level = 1 if value & 0xFF else 0
+            self.irq_levels[n] = level
+            self.irq_line(n, level)
+        elif port == TESTDEV_LATCH:
+            self.latch = value
+        elif self.pic is not None and port in self.PIC_PORTS:
+            self.pic[1](port, value & 0xFF)
+        # TESTDEV_FLUSH, POST codes (0x80), Bochs shutdown (0x8900) and the rest: ignored
