@@ -1,0 +1,168 @@
+/*
+ * ipi: fixed IPIs in xAPIC mode (self by shorthand and by own ID, BSP->AP, AP->BSP,
+ * AP->AP, all-excluding-self, all-including-self, physical broadcast 0xff, a missing
+ * destination), an IPI held in IRR while IF=0; then x2APIC mode (IA32_APIC_BASE.EXTD):
+ * self-IPI by ICR and by the SELF_IPI MSR, ICR2 gone, IPIs between x2APIC CPUs.
+ * Every interrupt must be taken exactly once, by exactly the addressed CPUs.
+ */
+#include "libguest.h"
+#include "expect.h"
+
+static u32 bsp;
+
+static void send_ipi(void *arg)
+{
+	u64 a = (u64)arg;
+	apic_icr(a >> 32, (u32)a);
+}
+#define IPI_ARG(dest, low) ((void *)(((u64)(dest) << 32) | (low)))
+
+static volatile int ap_x2apic_result[MAX_CPUS];
+static void ap_enable_x2apic(void *arg)
+{
+	ap_x2apic_result[smp_id()] = enable_x2apic();
+}
+
+static void xapic_tests(void)
+{
+	u32 all = online_mask();
+	char what[96];
+
+	expect_begin(0x50);
+	apic_icr(0, ICR_SELF | ICR_ASSERT | 0x50);
+	expect_end(0x50, 1u << bsp, "xAPIC self-IPI, shorthand self");
+	report(!(apic_read(APIC_ICR) & ICR_BUSY), "xAPIC ICR delivery status is idle after a send");
+
+	expect_begin(0x51);
+	apic_icr(bsp, ICR_ASSERT | 0x51);
+	expect_end(0x51, 1u << bsp, "xAPIC self-IPI, physical destination = own APIC ID");
+
+	cli();
+	apic_icr(0, ICR_SELF | ICR_ASSERT | 0x52);
+	delay_us(1000);
+	bool pending = apic_vector_bit(APIC_IRR, 0x52) && irq_count[bsp][0x52] == 0;
+	sti();
+	bool taken = wait_until(irq_count[bsp][0x52] == 1, 1000);
+	report(pending && taken && !apic_vector_bit(APIC_IRR, 0x52),
+	       "xAPIC self-IPI with IF=0 waits in IRR, taken after STI");
+
+	if (nr_online < 2) {
+		skip("xAPIC IPIs between CPUs: one CPU (boot with --smp 2 or more)");
+		return;
+	}
+	for (u32 i = 1; i < nr_online; i++) {
+		u32 ap = cpu_ids[i];
+		expect_begin(0x53);
+		apic_icr(ap, ICR_ASSERT | 0x53);
+		snprintf(what, sizeof(what), "xAPIC fixed IPI BSP -> AP %u", ap);
+		expect_end(0x53, 1u << ap, what);
+
+		expect_begin(0x54);
+		on_cpu(ap, send_ipi, IPI_ARG(bsp, ICR_ASSERT | 0x54));
+		snprintf(what, sizeof(what), "xAPIC fixed IPI AP %u -> BSP", ap);
+		expect_end(0x54, 1u << bsp, what);
+	}
+	if (nr_online >= 3) {
+		u32 a = cpu_ids[1], b = cpu_ids[2];
+		expect_begin(0x55);
+		on_cpu(a, send_ipi, IPI_ARG(b, ICR_ASSERT | 0x55));
+		snprintf(what, sizeof(what), "xAPIC fixed IPI AP %u -> AP %u", a, b);
+		expect_end(0x55, 1u << b, what);
+	} else {
+		skip("xAPIC fixed IPI AP -> AP: needs 3 CPUs");
+	}
+
+	expect_begin(0x56);
+	apic_icr(0, ICR_ALL_BUT_SELF | ICR_ASSERT | 0x56);
+	expect_end(0x56, all & ~(1u << bsp), "xAPIC broadcast, all excluding self");
+
+	expect_begin(0x57);
+	apic_icr(0, ICR_ALL | ICR_ASSERT | 0x57);
+	expect_end(0x57, all, "xAPIC broadcast, all including self");
+
+	expect_begin(0x58);
+	apic_icr(0xff, ICR_ASSERT | 0x58);
+	expect_end(0x58, all, "xAPIC physical destination 0xff is a broadcast");
+
+	expect_begin(0x59);
+	on_cpu(cpu_ids[1], send_ipi, IPI_ARG(0, ICR_ALL_BUT_SELF | ICR_ASSERT | 0x59));
+	snprintf(what, sizeof(what), "xAPIC broadcast all excluding self, sent by AP %u",
+		 cpu_ids[1]);
+	expect_end(0x59, all & ~(1u << cpu_ids[1]), what);
+
+	expect_begin(0x5a);
+	apic_icr(0x0e, ICR_ASSERT | 0x5a);
+	expect_end(0x5a, 0, "xAPIC IPI to an absent APIC ID (0x0e) reaches nobody");
+}
+
+static void x2apic_tests(void)
+{
+	u32 all = online_mask();
+	char what[96];
+	u64 v;
+
+	if (!cpu_has_x2apic()) {
+		u64 base = rdmsr(MSR_IA32_APICBASE);
+		int r = wrmsr_safe(MSR_IA32_APICBASE, base | APICBASE_EXTD);
+		report(r == 13 && !(rdmsr(MSR_IA32_APICBASE) & APICBASE_EXTD),
+		       "no x2APIC in CPUID: setting IA32_APIC_BASE.EXTD raises #GP (vector %d)", r);
+		skip("x2APIC IPIs: CPUID.1:ECX[21] (x2APIC) is clear");
+		return;
+	}
+	int r = enable_x2apic();
+	u64 base = rdmsr(MSR_IA32_APICBASE);
+	if (!report(r == 0 && (base & (APICBASE_EN | APICBASE_EXTD)) == (APICBASE_EN | APICBASE_EXTD),
+		    "x2APIC enabled through IA32_APIC_BASE (EN|EXTD, %lx)", base))
+		return;
+	report(rdmsr(0x802) == bsp, "x2APIC ID MSR 0x802 == initial APIC ID (%lu)", rdmsr(0x802));
+	report(rdmsr_safe(0x831, &v) == 13, "x2APIC: MSR 0x831 (xAPIC ICR2) does not exist (#GP)");
+
+	expect_begin(0x60);
+	apic_icr(0, ICR_SELF | ICR_ASSERT | 0x60);
+	expect_end(0x60, 1u << bsp, "x2APIC self-IPI, ICR shorthand self");
+
+	expect_begin(0x61);
+	apic_icr(bsp, ICR_ASSERT | 0x61);
+	expect_end(0x61, 1u << bsp, "x2APIC self-IPI, ICR physical destination = own x2APIC ID");
+
+	expect_begin(0x62);
+	wrmsr(0x83f, 0x62);
+	expect_end(0x62, 1u << bsp, "x2APIC SELF_IPI MSR 0x83f");
+
+	if (nr_online < 2) {
+		skip("x2APIC IPIs between CPUs: one CPU (boot with --smp 2 or more)");
+		return;
+	}
+	for (u32 i = 1; i < nr_online; i++) {
+		u32 ap = cpu_ids[i];
+		ap_x2apic_result[ap] = -1;
+		on_cpu(ap, ap_enable_x2apic, NULL);
+		report(ap_x2apic_result[ap] == 0, "AP %u switches to x2APIC mode", ap);
+
+		expect_begin(0x63);
+		apic_icr(ap, ICR_ASSERT | 0x63);
+		snprintf(what, sizeof(what), "x2APIC fixed IPI BSP -> AP %u", ap);
+		expect_end(0x63, 1u << ap, what);
+
+		expect_begin(0x64);
+		on_cpu(ap, send_ipi, IPI_ARG(bsp, ICR_ASSERT | 0x64));
+		snprintf(what, sizeof(what), "x2APIC fixed IPI AP %u -> BSP", ap);
+		expect_end(0x64, 1u << bsp, what);
+	}
+	expect_begin(0x65);
+	apic_icr(0, ICR_ALL_BUT_SELF | ICR_ASSERT | 0x65);
+	expect_end(0x65, all & ~(1u << bsp), "x2APIC broadcast, all excluding self");
+
+	expect_begin(0x66);
+	apic_icr(0xffffffff, ICR_ASSERT | 0x66);
+	expect_end(0x66, all, "x2APIC physical destination 0xffffffff is a broadcast");
+}
+
+void test_main(void)
+{
+	bsp = smp_id();
+	smp_init();
+	report(nr_online == nr_cpus, "%u of %u CPUs online", nr_online, nr_cpus);
+	xapic_tests();
+	x2apic_tests();
+}
