@@ -22,13 +22,13 @@ void test_main(void)
 	u32 bsp = smp_id();
 	struct percpu *b = &percpu[bsp];
 
-	report(b->apic_id_reg == bsp, "BSP: APIC ID register (%u) == CPUID.1:EBX[31:24] (%u)",
-	       b->apic_id_reg, bsp);
+	info("BSP: APIC ID register %u, IA32_APIC_BASE %lx, SPIV at reset %x", b->apic_id_reg,
+	     b->apic_base_msr, b->spiv_at_boot);
+	report(b->apic_id_reg == bsp, "BSP: APIC ID register == CPUID.1:EBX[31:24]");
 	report((b->apic_base_msr & (APICBASE_EN | APICBASE_BSP)) == (APICBASE_EN | APICBASE_BSP) &&
 		       (b->apic_base_msr & 0xfffff000) == APIC_MMIO,
-	       "BSP: IA32_APIC_BASE = 0xfee00000 | EN | BSP (%lx)", b->apic_base_msr);
-	report(b->spiv_at_boot == 0xff, "BSP: SPIV at reset is 0xff (software disabled), got %x",
-	       b->spiv_at_boot);
+	       "BSP: IA32_APIC_BASE = 0xfee00000 | EN | BSP");
+	report(b->spiv_at_boot == 0xff, "BSP: SPIV at reset is 0xff (software disabled)");
 	whoami(NULL);
 	if (nr_cpus < 2) {
 		skip("AP bring-up: fw_cfg reports one CPU (boot with --smp 2 or more)");
@@ -52,18 +52,16 @@ void test_main(void)
 		struct percpu *p = &percpu[id];
 		if (id == bsp || !p->boots)
 			continue;
-		report(p->apic_id_reg == id, "AP %u: APIC ID register == CPUID initial APIC ID (%u)",
-		       id, p->apic_id_reg);
-		report((p->apic_base_msr & (APICBASE_EN | APICBASE_BSP)) == APICBASE_EN,
-		       "AP %u: IA32_APIC_BASE has EN set and BSP clear (%lx)", id, p->apic_base_msr);
-		report(p->spiv_at_boot == 0xff, "AP %u: SPIV after INIT is 0xff (%x)", id,
-		       p->spiv_at_boot);
 		seen_id[id] = ~0u;
 		on_cpu(id, whoami, NULL);
-		report(seen_id[id] == id, "AP %u runs code on request and reads its own APIC ID (%u)",
-		       id, seen_id[id]);
-		report(seen_lvr[id] == seen_lvr[bsp], "AP %u: APIC version %x == BSP's %x", id,
-		       seen_lvr[id], seen_lvr[bsp]);
+		info("AP %u: APIC ID register %u, IA32_APIC_BASE %lx, SPIV at boot %x, LVR %x", id,
+		     p->apic_id_reg, p->apic_base_msr, p->spiv_at_boot, seen_lvr[id]);
+		report(p->apic_id_reg == id, "AP %u: APIC ID register == CPUID initial APIC ID", id);
+		report((p->apic_base_msr & (APICBASE_EN | APICBASE_BSP)) == APICBASE_EN,
+		       "AP %u: IA32_APIC_BASE has EN set and BSP clear", id);
+		report(p->spiv_at_boot == 0xff, "AP %u: SPIV after INIT is 0xff", id);
+		report(seen_id[id] == id, "AP %u runs code on request and reads its own APIC ID", id);
+		report(seen_lvr[id] == seen_lvr[bsp], "AP %u: APIC version register == BSP's", id);
 	}
 	if (n < 2)
 		return;
@@ -85,18 +83,15 @@ void test_main(void)
 	       "INIT: AP %u stops and waits for a SIPI", t);
 	apic_icr(t, ICR_STARTUP | SIPI_VECTOR);
 	bool up = spin_until(READ_ONCE(p->boots) == boots + 1 && READ_ONCE(p->online), 1000);
-	report(up, "SIPI vector %#x restarts AP %u through the trampoline (boot %u)", SIPI_VECTOR,
-	       t, READ_ONCE(p->boots));
+	report(up, "SIPI vector %#x restarts AP %u through the trampoline", SIPI_VECTOR, t);
 	if (!up)
 		return;
-	report(p->spiv_at_boot == 0xff, "AP %u: INIT reset SPIV to 0xff again (%x)", t,
-	       p->spiv_at_boot);
+	report(p->spiv_at_boot == 0xff, "AP %u: INIT reset SPIV to 0xff again", t);
 	seen_id[t] = ~0u;
 	on_cpu(t, whoami, NULL);
 	report(seen_id[t] == t, "AP %u runs code after the restart", t);
 	report(irq_count[t][PROBE_VECTOR] == 0,
-	       "a fixed IPI sent while AP %u waited for SIPI was not delivered (%u)", t,
-	       irq_count[t][PROBE_VECTOR]);
+	       "a fixed IPI sent while AP %u waited for SIPI was not delivered", t);
 	apic_icr(t, ICR_STARTUP | SIPI_VECTOR);
 	spin_delay_us(5000);
 	seen_id[t] = ~0u;

@@ -181,6 +181,12 @@ void skip(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* PASS or FAIL with the same message; returns ok */
 bool report(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/*
+ * report_unless(why, ok, ...): when why is non-NULL the check cannot be made on this
+ * platform: print "SKIP: <msg> [<why>]" (same message, reason in brackets), else report.
+ */
+bool report_unless(const char *why, bool ok, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
 void exit(int code) __attribute__((noreturn));
 void abort_test(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 extern u32 tests_run, tests_failed;

@@ -250,6 +250,21 @@ bool report(bool ok, const char *fmt, ...)
 	return ok;
 }
 
+bool report_unless(const char *why, bool ok, const char *fmt, ...)
+{
+	va_list ap;
+	char msg[200];
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (why) {
+		skip("%s [%s]", msg, why);
+		return true;
+	}
+	return report(ok, "%s", msg);
+}
+
 void exit(int code)
 {
 	cli();
