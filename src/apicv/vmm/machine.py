@@ -125,6 +125,8 @@ class _Vcpu:
         self.cr8_set = 0
         self.exits: Counter = Counter()
         self.msrs = K.kvm_msrs_1()
+        self.events = K.kvm_vcpu_events()
+        self.nmi_inflight = False  # an NMI given to KVM may not have been delivered yet
 
     def ioctl(self, req: int, arg=0) -> int:
         return _ioctl(self.fd, req, arg)
@@ -162,7 +164,7 @@ class Machine:
     """A VM ready to boot one multiboot kernel (see the module docstring)."""
 
     def __init__(self, kernel: str, *, smp: int = 1, memory_mb: int = 128, x2apic: bool = True,
-                 tsc_deadline: bool = True, append: str = "", initrd: str | None = None,
+                 tsc_deadline: bool = True, append: str = "", initrd: str | bytes | None = None,
                  irqchip: str = "model", trace: bool = False, trace_limit: int = 500_000,
                  out=None) -> None:
         if irqchip not in ("model", "kernel"):
@@ -180,8 +182,8 @@ class Machine:
         try:
             with open(kernel, "rb") as f:
                 image = f.read()
-            rd = None
-            if initrd is not None:
+            rd = initrd if isinstance(initrd, bytes | None) else None
+            if isinstance(initrd, str):
                 with open(initrd, "rb") as f:
                     rd = f.read()
         except OSError as e:
@@ -583,6 +585,7 @@ class Machine:
         for _ in range(nmis):
             v.ioctl(K.KVM_NMI)
             self.nmis += 1
+            v.nmi_inflight = True
         if state == KVM_MP_STATE_HALTED:
             mv.rflags_if = v.halt_if
             if not (nmis or mv.kvm_vcpu_has_events()):
@@ -591,7 +594,7 @@ class Machine:
         arch.requests &= ~KVM_REQ_EVENT
         # kvm_check_and_inject_events() for a userspace-injected interrupt
         if mv.kvm_cpu_has_injectable_intr():
-            if run.ready_for_interrupt_injection and run.if_flag:
+            if run.ready_for_interrupt_injection and run.if_flag and not self._nmi_first(v):
                 vec = mv.kvm_cpu_get_interrupt()
                 if vec != -1:
                     if tr is not None:
@@ -608,6 +611,21 @@ class Machine:
         vm._after_lapic_change()
         self._drain_kicks()
         return True
+
+    def _nmi_first(self, v: _Vcpu) -> bool:
+        """Whether an NMI KVM holds goes in before an interrupt (kvm_check_and_inject_events
+        injects a pending, unmasked NMI first). An interrupt given with KVM_INTERRUPT counts
+        as already injected and would overtake it, so the VMM waits for the next interrupt
+        window. (Asked with KVM_GET_VCPU_EVENTS only while an NMI forwarded to KVM may still
+        be pending.)"""
+        if not v.nmi_inflight:
+            return False
+        ev = v.events
+        v.ioctl(K.KVM_GET_VCPU_EVENTS, ev)
+        if not (ev.nmi.pending or ev.nmi.injected):
+            v.nmi_inflight = False
+            return False
+        return bool(ev.nmi.pending and not ev.nmi.masked)
 
     def _reset_vcpu(self, v: _Vcpu, selector: int, base: int, rip: int) -> None:
         """The INIT state (SDM 'Processor state following power-up, reset, or INIT') with
@@ -637,6 +655,7 @@ class Machine:
         v.run.ready_for_interrupt_injection = 0
         v.run.request_interrupt_window = 0
         v.halt_if = False
+        v.nmi_inflight = False
 
     def _after_exit(self, v: _Vcpu, mv) -> None:
         run = v.run
@@ -770,7 +789,7 @@ class Machine:
 
 
 def boot(kernel: str, *, smp: int = 1, memory_mb: int = 128, x2apic: bool = True,
-         tsc_deadline: bool = True, append: str = "", initrd: str | None = None,
+         tsc_deadline: bool = True, append: str = "", initrd: str | bytes | None = None,
          timeout: float | None = 60.0, irqchip: str = "model", trace_out: str | None = None,
          out=None) -> BootResult:
     """Boot *kernel* and return how it ended (see :class:`Machine` and :class:`BootResult`).
