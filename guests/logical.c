@@ -193,13 +193,6 @@ void test_main(void)
 		info("using the first 4 of %u CPUs", n);
 		n = 4;
 	}
-	/* keep cpu_ids sorted by APIC ID so masks and messages do not depend on boot order */
-	for (u32 i = 1; i < nr_online; i++)
-		for (u32 j = i; j > 1 && cpu_ids[j - 1] > cpu_ids[j]; j--) {
-			u32 t = cpu_ids[j];
-			cpu_ids[j] = cpu_ids[j - 1];
-			cpu_ids[j - 1] = t;
-		}
 	xapic_flat();
 	xapic_cluster();
 	x2apic_logical();

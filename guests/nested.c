@@ -155,7 +155,10 @@ static void waits_for_eoi(int outer, int inner, const char *what)
 	const char *why = isr_quirk ? ISR_QUIRK : NULL;
 	snprintf(msg, sizeof(msg), "%s waits in IRR while %#x is in service, taken after EOI",
 		 what, outer);
-	report_unless(why, order && irr_in[0] && cnt_in[0] == n_before, "%s", msg);
+	/* inside the outer handler the inner vector was not taken yet (when it is the same
+	 * vector, the outer entry itself is its one count) */
+	u32 want_inside = n_before + (inner == outer);
+	report_unless(why, order && irr_in[0] && cnt_in[0] == want_inside, "%s", msg);
 }
 
 /* ---- two pending vectors with IF=0: highest first */

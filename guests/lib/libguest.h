@@ -353,7 +353,8 @@ extern u32 mb_info;
 /* ---------------------------------------------------------------- SMP */
 
 extern u32 nr_cpus;               /* fw_cfg's CPU count */
-extern u32 cpu_ids[MAX_CPUS];     /* APIC IDs of the CPUs that came up; [0] is the BSP */
+extern u32 cpu_ids[MAX_CPUS];     /* APIC IDs of the CPUs that came up: [0] is the BSP,
+				     the APs follow in APIC ID order (after smp_init) */
 extern u32 nr_online;             /* how many of cpu_ids[] are valid */
 /* INIT, SIPI, SIPI to all but self; waits for fw_cfg's count. Returns CPUs online. */
 u32 smp_init(void);

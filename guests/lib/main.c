@@ -118,7 +118,15 @@ u32 smp_init(void)
 		spin_delay_us(200);
 	}
 	spin_until(READ_ONCE(nr_online) == nr_cpus, 3000);
-	return READ_ONCE(nr_online);
+	/* list the APs by APIC ID, not by arrival: messages must not depend on timing */
+	u32 n = READ_ONCE(nr_online);
+	for (u32 i = 2; i < n; i++)
+		for (u32 j = i; j > 1 && cpu_ids[j - 1] > cpu_ids[j]; j--) {
+			u32 t = cpu_ids[j];
+			cpu_ids[j] = cpu_ids[j - 1];
+			cpu_ids[j - 1] = t;
+		}
+	return n;
 }
 
 void on_cpu_async(u32 id, void (*fn)(void *), void *arg)
