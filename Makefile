@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint fuzz-long clean
+.PHONY: demo test bench lint guests fuzz-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
-test: $(STAMP) lint
+# the guest test kernels `apicv boot` runs (freestanding C + assembly, the machine's gcc/ld)
+guests:
+	$(MAKE) -C guests OUT=$(CURDIR)/build/guests
+
+test: $(STAMP) lint guests
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP) guests
 	$(PY) benchmarks/run.py
 
 clean:

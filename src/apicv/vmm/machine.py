@@ -519,6 +519,7 @@ class Machine:
 
     # -- the kernel irqchip: KVM does everything but the devices --
     def _vcpu_loop_kernel(self, v: _Vcpu) -> None:
+        v.in_run = True  # a stop kicks it out of KVM_RUN (an AP blocks there until SIPI)
         while not self.done.is_set():
             if self._kvm_run(v):
                 v.run.immediate_exit = 0
