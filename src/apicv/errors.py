@@ -116,3 +116,7 @@ class ScenarioError(ApicvError):
 
 class StateError(ApicvError):
     """A file given as a KVM_GET_LAPIC state is not one (wrong size, unreadable)."""
+
+
+class BootError(ApicvError):
+    """``apicv boot``: the VM could not be built or run (the message says which step and why)."""
