@@ -140,3 +140,66 @@ def test_cli_boot_status_and_env_module(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 7, r.stderr
     assert "code 3" in r.stderr
+
+
+def _mov(reg: str, imm: int) -> bytes:
+    return bytes((0xB8 + "acdb".index(reg[1]),)) + struct.pack("<I", imm & 0xFFFFFFFF)
+
+
+def _wrmsr(index: int, value: int) -> bytes:
+    return _mov("ecx", index) + _mov("eax", value) + _mov("edx", value >> 32) + b"\x0F\x30"
+
+
+def _rdmsr_out(index: int, both: bool = False) -> bytes:
+    code = _mov("ecx", index) + b"\x0F\x32" + _out_latch()
+    return code + (b"\x89\xD0" + _out_latch() if both else b"")  # mov eax, edx
+
+
+def _cpuid_edx_out(leaf: int) -> bytes:
+    return _mov("eax", leaf) + _mov("ecx", 0) + b"\x0F\xA2\x89\xD0" + _out_latch()
+
+
+def _both(tmp_path, code: bytes, **kw):
+    path = _kernel(tmp_path, code)
+    (mr, ml), (kr, kl) = _boot(path, "model", **kw), _boot(path, "kernel", **kw)
+    assert (mr.status, mr.reason) == (kr.status, kr.reason), (mr.message, kr.message)
+    assert ml == kl
+    return mr, ml
+
+
+def test_x2apic_msrs_through_userspace_exits(tmp_path):
+    """With the model as irqchip, IA32_APIC_BASE goes through the MSR filter and the x2APIC
+    MSRs through KVM_MSR_EXIT_REASON_INVAL exits: enabling x2APIC (kvm_apic_set_base), then
+    RDMSR of the x2APIC ID (0x802) and LVR (0x803) give what KVM's LAPIC gives."""
+    code = (_wrmsr(0x1B, 0xFEE00D00) + _rdmsr_out(0x1B) + _rdmsr_out(0x802)
+            + _rdmsr_out(0x803) + _exit(0))
+    res, latches = _both(tmp_path, code)
+    assert res.status == 1 and latches == [0xFEE00D00, 0, latches[2]]
+    assert latches[2] & 0xFF == 0x14
+
+
+def test_x2apic_msr_in_xapic_mode_is_gp(tmp_path):
+    """kvm_x2apic_msr_read fails outside x2APIC mode: the guest gets #GP -- here with no IDT,
+    a triple fault, on both irqchips."""
+    res, latches = _both(tmp_path, _rdmsr_out(0x802) + _exit(0))
+    assert res.reason == "shutdown" and latches == []
+
+
+def test_cpuid_apic_bit_follows_apic_base(tmp_path):
+    """kvm_update_cpuid_runtime: CPUID.1:EDX.APIC (bit 9) follows IA32_APIC_BASE.EN -- with
+    the model as irqchip too, because the VMM keeps KVM's apic_base equal to the model's."""
+    code = (_wrmsr(0x1B, 0xFEE00100) + _cpuid_edx_out(1)
+            + _wrmsr(0x1B, 0xFEE00900) + _cpuid_edx_out(1) + _exit(0))
+    res, (off, on) = _both(tmp_path, code)
+    assert res.status == 1 and not off & (1 << 9) and on & (1 << 9)
+
+
+def test_tsc_deadline_msr(tmp_path):
+    """kvm_set_lapic_tscdeadline_msr ignores writes unless LVTT is in TSC-deadline mode; in
+    that mode a deadline reads back until it fires; both irqchips agree."""
+    far = 0x7FFF_FFFF_0000_0000
+    code = (_wrmsr(0x6E0, far) + _rdmsr_out(0x6E0, both=True)
+            + _mov("eax", 0x500EF) + b"\xA3" + struct.pack("<I", 0xFEE00320)  # masked, TSC-DL
+            + _wrmsr(0x6E0, far) + _rdmsr_out(0x6E0, both=True) + _exit(0))
+    res, latches = _both(tmp_path, code)
+    assert res.status == 1 and latches == [0, 0, 0, far >> 32]
