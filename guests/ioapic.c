@@ -89,7 +89,7 @@ static void edge(void)
 
 static volatile bool isr_quirk;
 static volatile int lower_on_entry; /* lower the line on this entry (1 = first) */
-static volatile u32 level_entries, level_tmr, level_rirr, level_irr;
+static volatile u32 level_entries, level_done, level_tmr, level_rirr, level_irr;
 static volatile int level_pin;
 
 static void h_level(struct frame *f)
@@ -106,13 +106,14 @@ static void h_level(struct frame *f)
 	if ((int)level_entries >= lower_on_entry)
 		set_irq_line(level_pin, 0);
 	apic_eoi();
+	level_done++;
 }
 
 static void level_setup(int pin, int v, u32 dest, int lower_on, u32 extra)
 {
 	set_handler(v, h_level);
 	level_pin = pin;
-	level_entries = 0;
+	level_entries = level_done = 0;
 	level_tmr = level_rirr = level_irr = 0;
 	isr_quirk = false;
 	lower_on_entry = lower_on;
@@ -266,10 +267,12 @@ static void to_aps(void)
 	const int pl = 0x11, vl = 0x91;
 	level_setup(pl, vl, ap, 1, 0);
 	set_irq_line(pl, 1);
-	spin_until(count(ap, vl) >= 1, 1000);
+	spin_until(level_done >= 1, 1000); /* the AP's handler has run to its end */
 	delay_us(2000);
 	snprintf(what, sizeof(what), "level line 0x11 routed to AP %u is taken there only", ap);
-	report(count(ap, vl) >= 1 && count(bsp, vl) == 0 && level_tmr, "%s", what);
+	if (!report(count(ap, vl) >= 1 && count(bsp, vl) == 0 && level_tmr, "%s", what))
+		info("AP %u took %u, BSP %u; TMR bit in the AP's handler %u", ap, count(ap, vl),
+		     count(bsp, vl), level_tmr);
 	const char *why = level_quirk("level line 0x11");
 	report_unless(why, count(ap, vl) == 1, "level line 0x11 to the AP: exactly one interrupt");
 	ap_level_rirr_after = 1;

@@ -168,8 +168,9 @@ static void tsc_deadline(void)
 	t0 = rdtsc();
 	wrmsr(MSR_TSC_DEADLINE, t0 + us_to_tsc(30000));
 	wrmsr(MSR_TSC_DEADLINE, rdtsc() + us_to_tsc(1000));
-	fired = wait_until(count() >= 1, 25);
-	delay_us(35000);
+	fired = wait_until(count() >= 1, 200);
+	while (rdtsc() < t0 + us_to_tsc(40000)) /* well past the replaced 30 ms deadline */
+		io_delay();
 	report(fired && count() == 1, "re-arming replaces the deadline (1 ms fires, 30 ms never)");
 
 	apic_write(APIC_LVTT, TV | LVT_MASKED | LVT_TIMER_TSCDEADLINE);
