@@ -143,6 +143,16 @@ def test_logical_no_x2apic(guests):
     run_both(guests, "logical", 4, "--no-x2apic")
 
 
+def test_regs(guests):
+    """KVM's LAPIC registers and modes: LVR 0x50014 (no directed EOI with the in-kernel
+    IOAPIC), reset values (LVTs masked, BSP LVT0 ExtINT by KVM_X86_QUIRK_LINT0_REENABLED),
+    SPIV software disable forcing LVT masks and refusing fixed interrupts, SPIV bit 12
+    reserved, a writable xAPIC ID that routing follows, APIC base relocation, read-only
+    x2APIC ID/LVR and missing APR/ICR2 (#GP), the IA32_APIC_BASE state machine (#GP on
+    x2APIC->xAPIC, disabled->x2APIC, EXTD without EN) and CPUID.1:EDX.APIC following EN."""
+    run_both(guests, "regs", 1)
+
+
 def test_tpr(guests):
     """A vector is deliverable only if its priority class (vector[7:4]) is above PPR's:
     TPR (and CR8 = TPR[7:4], a write with bits 63:4 #GP) holds lower and equal classes in
