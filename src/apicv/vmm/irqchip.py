@@ -286,7 +286,11 @@ class ModelIrqchipMixin:
         if run.cr8 != v.cr8_set:
             mv.apic.kvm_lapic_set_tpr(run.cr8)  # the guest wrote CR8 (kvm_set_cr8)
         self._handle_exit(v)
-        self.vm._after_lapic_change()
+        vm = self.vm
+        vm._after_lapic_change()
+        nxt = vm.clock.next_expiry()
+        if nxt is not None and nxt < self.timer_wake_at:
+            self.timer_changed.set()  # the guest armed a timer before the loop's wake-up
         if tr is not None:
             tr.apic_state(mv.apic)
         self._drain_kicks()

@@ -19,6 +19,7 @@ import mmap
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from .irqchip import X2APIC_API_FLAGS, ModelIrqchipMixin, _seg
 KICK_SIGNAL = signal.SIGUSR1
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFEFFC000
+GIL_SWITCH_INTERVAL = 0.0002  # seconds
 STATUS_TIMEOUT = 124
 STATUS_ERROR = 125
 # CPUID 0x40000001 EAX: PV features that need KVM's in-kernel LAPIC (PV EOI, PV unhalt, PV
@@ -147,6 +149,8 @@ class Machine(ModelIrqchipMixin):
         self.output = bytearray()
         self.lock = threading.Lock()
         self.done = threading.Event()
+        self.timer_changed = threading.Event()  # wakes the timer loop early
+        self.timer_wake_at = 0  # model time the timer loop sleeps until
         self.result: BootResult | None = None
         self.vcpus: list[_Vcpu] = []
         self.vm = None  # the model Vm (irqchip="model")
@@ -305,6 +309,7 @@ class Machine(ModelIrqchipMixin):
         if self.result is None:
             self.result = result
         self.done.set()
+        self.timer_changed.set()
         for v in self.vcpus:
             self._kick(v)
 
@@ -324,6 +329,11 @@ class Machine(ModelIrqchipMixin):
             raise BootError("boot must run in the main thread (it installs a signal handler "
                             "for vCPU kicks)")
         old = signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        # the timer thread must get the GIL soon after its sleep, not after the default 5 ms
+        # switch interval of a vCPU thread handling exits (a 1 kHz periodic timer would drop
+        # ticks: KVM coalesces an expiry while the previous one is pending)
+        old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         t_start = time.monotonic()
         body = self._vcpu_loop_model if self.irqchip == "model" else self._vcpu_loop_kernel
         try:
@@ -342,6 +352,7 @@ class Machine(ModelIrqchipMixin):
                     v.thread.join(0.05)
         finally:
             signal.signal(KICK_SIGNAL, old)
+            sys.setswitchinterval(old_switch)
         res = self.result
         res.elapsed = time.monotonic() - t_start
         res.output = bytes(self.output)
@@ -369,13 +380,16 @@ class Machine(ModelIrqchipMixin):
                     nxt = clock.next_expiry()
                     if nxt is not None:
                         wait = min(wait, max(0.0, (nxt - clock.now) / 1e9))
+                    # a vCPU arming an earlier timer meanwhile wakes this loop (_after_exit)
+                    self.timer_wake_at = clock.now + int(wait * 1e9)
+                    self.timer_changed.clear()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
                 wait = min(wait, left)
             if wait > 0:
-                self.done.wait(wait)
+                self.timer_changed.wait(wait)
 
     def _thread(self, body, v: _Vcpu) -> None:
         v.tid = threading.get_ident()
