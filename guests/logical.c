@@ -10,7 +10,7 @@
 #include "libguest.h"
 #include "expect.h"
 
-static u32 bsp, n;
+static u32 bsp, n, nall; /* subsets are enumerated over n <= 4 CPUs; all nall are set up */
 static volatile u32 reg_seen[MAX_CPUS][2];
 static volatile int fault_seen[MAX_CPUS][3];
 
@@ -30,7 +30,7 @@ static bool program_all(u32 dfr, u32 (*ldr_of)(u32 idx), const char *model)
 {
 	bool ok = true;
 
-	for (u32 i = 0; i < n; i++) {
+	for (u32 i = 0; i < nall; i++) {
 		u32 id = cpu_ids[i], ldr = ldr_of(i);
 		on_cpu(id, set_logical, (void *)(((u64)dfr << 32) | ldr));
 		if (reg_seen[id][0] != dfr || (reg_seen[id][1] & 0xff000000) != ldr) {
@@ -49,7 +49,7 @@ static u32 cluster_ldr(u32 idx) { return ((idx & 1) << 28) | (1u << (24 + (idx >
 static u32 ids_of(u32 idx_mask)
 {
 	u32 m = 0;
-	for (u32 i = 0; i < n; i++)
+	for (u32 i = 0; i < nall; i++)
 		if ((idx_mask >> i) & 1)
 			m |= 1u << cpu_ids[i];
 	return m;
@@ -72,9 +72,13 @@ static void xapic_flat(void)
 		snprintf(what, sizeof(what), "xAPIC flat logical destination %#x", m);
 		expect_end(0x70, ids_of(m), what);
 	}
-	expect_begin(0x71);
-	send(0x80, ICR_LOGICAL | ICR_ASSERT | 0x71);
-	expect_end(0x71, 0, "xAPIC flat logical destination 0x80 (no CPU has that bit)");
+	if (nall < 8) {
+		expect_begin(0x71);
+		send(0x80, ICR_LOGICAL | ICR_ASSERT | 0x71);
+		expect_end(0x71, 0, "xAPIC flat logical destination 0x80 (no CPU has that bit)");
+	} else {
+		skip("xAPIC flat logical destination with no CPU: all 8 LDR bits are in use");
+	}
 
 	expect_begin(0x72);
 	send(0xff, ICR_LOGICAL | ICR_ASSERT | 0x72);
@@ -105,7 +109,7 @@ static void xapic_cluster(void)
 	for (u32 c = 0; c < 2; c++) {
 		for (u32 m = 1; m < 4; m++) {
 			u32 idx_mask = 0;
-			for (u32 i = 0; i < n; i++)
+			for (u32 i = 0; i < nall; i++)
 				if ((cluster_ldr(i) >> 28) == c && ((cluster_ldr(i) >> 24) & m & 0xf))
 					idx_mask |= 1u << i;
 			expect_begin(0x74);
@@ -144,7 +148,7 @@ static void x2apic_logical(void)
 		skip("x2APIC logical destinations: CPUID.1:ECX[21] (x2APIC) is clear");
 		return;
 	}
-	for (u32 i = 0; i < n; i++) {
+	for (u32 i = 0; i < nall; i++) {
 		u32 id = cpu_ids[i];
 		u32 want = ((id >> 4) << 16) | (1u << (id & 15));
 		on_cpu(id, x2apic_logical_setup, NULL);
@@ -181,7 +185,7 @@ void test_main(void)
 {
 	bsp = smp_id();
 	smp_init();
-	n = nr_online;
+	n = nall = nr_online;
 	bool ids_ok = true;
 	for (u32 i = 0; i < n; i++)
 		ids_ok &= cpu_ids[i] < 8;
@@ -190,7 +194,7 @@ void test_main(void)
 		return;
 	}
 	if (n > 4) {
-		info("using the first 4 of %u CPUs", n);
+		info("subsets of the first 4 of %u CPUs", n);
 		n = 4;
 	}
 	xapic_flat();
