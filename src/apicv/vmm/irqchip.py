@@ -183,12 +183,12 @@ class ModelIrqchipMixin:
         if tr is not None:
             tr.context = v.vcpu_id
         mv._exit_in_kernel()  # clock, KVM_REQ_UNBLOCK, a pending timer expiry into IRR
-        nmis = arch.nmi_queued
-        if nmis:
-            # the accepted NMIs go to KVM, which keeps NMI blocking and windows itself
-            arch.nmi_queued = 0
-            arch.requests &= ~KVM_REQ_NMI
+        # the requests, except KVM_REQ_NMI: accepted NMIs go to KVM (KVM_NMI), which keeps
+        # NMI blocking and NMI windows itself, once the vCPU is going to run
+        req_nmi = arch.requests & KVM_REQ_NMI
+        arch.requests &= ~KVM_REQ_NMI
         mv._process_requests()
+        arch.requests |= req_nmi
         init = 1 << KVM_APIC_INIT
         had_init = bool(mv.apic.pending_events & init)
         mv.kvm_apic_accept_events()
@@ -201,7 +201,10 @@ class ModelIrqchipMixin:
             sel, base, rip = mv.sipi
             mv.sipi = None
             self._reset_vcpu(v, sel, base, rip)
-            nmis = 0  # INIT discarded them
+        nmis = arch.nmi_queued  # (an INIT reset cleared those accepted before it)
+        if nmis:
+            arch.nmi_queued = 0
+            arch.requests &= ~KVM_REQ_NMI
         for _ in range(nmis):
             v.ioctl(K.KVM_NMI)
             self.nmis += 1

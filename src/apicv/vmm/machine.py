@@ -417,7 +417,8 @@ class Machine(ModelIrqchipMixin):
         while not self.done.is_set():
             if self._kvm_run(v):
                 v.run.immediate_exit = 0
-                self._handle_exit(v)
+                with self.lock:  # the devices are shared by the vCPU threads
+                    self._handle_exit(v)
             else:
                 v.run.immediate_exit = 0
 
