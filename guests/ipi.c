@@ -3,10 +3,12 @@
  * AP->AP, all-excluding-self, all-including-self, physical broadcast 0xff, a missing
  * destination), an IPI held in IRR while IF=0; then x2APIC mode (IA32_APIC_BASE.EXTD):
  * self-IPI by ICR and by the SELF_IPI MSR, ICR2 gone, IPIs between x2APIC CPUs.
+ * HLT: a self-IPI pending at STI;HLT is taken at once, an AP's IPI wakes the halted BSP.
  * Every interrupt must be taken exactly once, by exactly the addressed CPUs.
  */
 #include "libguest.h"
 #include "expect.h"
+#include "halt.h"
 
 static u32 bsp;
 
@@ -95,6 +97,42 @@ static void xapic_tests(void)
 	expect_end(0x5a, 0, "xAPIC IPI to an absent APIC ID (0x0e) reaches nobody");
 }
 
+static u32 halt_vec;
+static bool got_halt_vec(void) { return irq_count[bsp][halt_vec] >= 1; }
+
+static void ipi_after_2ms(void *arg)
+{
+	delay_us(2000);
+	apic_icr(bsp, ICR_ASSERT | (u32)(u64)arg);
+}
+
+static void halt_tests(void)
+{
+	int r;
+
+	if (halt_rescuer() == ~0u) {
+		skip("IPIs and HLT: needs a second CPU as watchdog (--smp 2)");
+		return;
+	}
+	halt_vec = 0x5b;
+	cli();
+	apic_icr(0, ICR_SELF | ICR_ASSERT | 0x5b);
+	r = halt_wait(got_halt_vec, 300, 1000);
+	if (!report(r == 0, "STI;HLT with a self-IPI pending takes it and does not stay halted"))
+		info("halt_wait: %d", r);
+
+	if (nr_online < 3) {
+		skip("an AP's IPI waking the halted BSP: needs 3 CPUs (one is the watchdog)");
+		return;
+	}
+	halt_vec = 0x5c;
+	on_cpu_async(cpu_ids[1], ipi_after_2ms, (void *)0x5cul);
+	r = halt_wait(got_halt_vec, 300, 1000);
+	on_cpu_wait(cpu_ids[1], 1000);
+	if (!report(r == 0, "a fixed IPI from AP %u wakes the halted BSP", cpu_ids[1]))
+		info("halt_wait: %d", r);
+}
+
 static void x2apic_tests(void)
 {
 	u32 all = online_mask();
@@ -165,5 +203,6 @@ void test_main(void)
 	smp_init();
 	report(nr_online == nr_cpus, "%u of %u CPUs online", nr_online, nr_cpus);
 	xapic_tests();
+	halt_tests();
 	x2apic_tests();
 }

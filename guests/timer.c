@@ -8,9 +8,11 @@
  *    are ignored; a deadline fires once, not before the deadline, then MSR 0x6e0 reads 0;
  *    a deadline in the past fires at once; writing 0 disarms; re-arming replaces; masked
  *    it expires without an interrupt and (KVM) the MSR keeps the deadline.
+ *  - each kind of timer wakes a CPU waiting in HLT (another CPU stands by to rescue it).
  * Guest time spent waiting on timers: about 0.2 s.
  */
 #include "libguest.h"
+#include "halt.h"
 
 #define TV 0xe0
 static u32 bsp;
@@ -77,10 +79,10 @@ static void one_shot(void)
 	apic_write(APIC_LVTT, TV);
 
 	reset_count();
-	apic_write(APIC_TMICT, 5000000);
+	apic_write(APIC_TMICT, 20000000);
 	apic_write(APIC_TMICT, 0);
 	u32 c4 = apic_read(APIC_TMCCT);
-	delay_us(8000);
+	delay_us(25000);
 	report(c4 == 0 && count() == 0, "writing TMICT = 0 stops a running one-shot");
 
 	apic_write(APIC_TDCR, 0x0); /* divide by 2 */
@@ -137,9 +139,10 @@ static void tsc_deadline(void)
 	       "TSC-deadline mode: TMICT writes are ignored, TMCCT reads 0");
 
 	reset_count();
-	d = rdtsc() + us_to_tsc(1000);
+	d = rdtsc() + us_to_tsc(10000);
 	wrmsr(MSR_TSC_DEADLINE, d);
-	report(rdmsr(MSR_TSC_DEADLINE) == d, "armed: MSR 0x6e0 reads back the deadline");
+	report(rdmsr(MSR_TSC_DEADLINE) == d && count() == 0,
+	       "armed: MSR 0x6e0 reads back the deadline");
 	bool fired = wait_until(count() >= 1, 500);
 	report(fired, "TSC-deadline: the interrupt arrives");
 	if (fired) {
@@ -159,9 +162,9 @@ static void tsc_deadline(void)
 	info("past deadline %s taken right after the WRMSR", at_once ? "was" : "was not");
 
 	reset_count();
-	wrmsr(MSR_TSC_DEADLINE, rdtsc() + us_to_tsc(3000));
+	wrmsr(MSR_TSC_DEADLINE, rdtsc() + us_to_tsc(20000));
 	wrmsr(MSR_TSC_DEADLINE, 0);
-	delay_us(6000);
+	delay_us(25000);
 	report(count() == 0 && rdmsr(MSR_TSC_DEADLINE) == 0, "writing 0 disarms the deadline");
 
 	reset_count();
@@ -186,11 +189,53 @@ static void tsc_deadline(void)
 	apic_write(APIC_LVTT, TV | LVT_MASKED);
 }
 
+static bool fired1(void) { return count() >= 1; }
+static bool fired3(void) { return count() >= 3; }
+
+static void halted(void)
+{
+	int r;
+
+	if (halt_rescuer() == ~0u) {
+		skip("timers waking a halted CPU: needs a second CPU as watchdog (--smp 2)");
+		return;
+	}
+	apic_write(APIC_TDCR, 0xb);
+	apic_write(APIC_LVTT, TV | LVT_TIMER_ONESHOT);
+	reset_count();
+	apic_write(APIC_TMICT, 5000000);
+	r = halt_wait(fired1, 300, 1000);
+	if (!report(r == 0, "one-shot timer wakes the CPU from HLT"))
+		info("halt_wait: %d", r);
+
+	apic_write(APIC_LVTT, TV | LVT_TIMER_PERIODIC);
+	reset_count();
+	apic_write(APIC_TMICT, 2000000);
+	r = halt_wait(fired3, 300, 1000);
+	apic_write(APIC_TMICT, 0);
+	if (!report(r == 0, "periodic timer wakes the CPU from HLT three times"))
+		info("halt_wait: %d", r);
+
+	if (!cpu_has_tsc_deadline()) {
+		skip("TSC-deadline timer waking a halted CPU: CPUID.1:ECX[24] is clear");
+	} else {
+		apic_write(APIC_LVTT, TV | LVT_TIMER_TSCDEADLINE);
+		reset_count();
+		wrmsr(MSR_TSC_DEADLINE, rdtsc() + us_to_tsc(3000));
+		r = halt_wait(fired1, 300, 1000);
+		if (!report(r == 0, "TSC-deadline timer wakes the CPU from HLT"))
+			info("halt_wait: %d", r);
+	}
+	apic_write(APIC_LVTT, TV | LVT_MASKED);
+}
+
 void test_main(void)
 {
 	bsp = smp_id();
 	set_handler(TV, h_timer);
+	smp_init();
 	one_shot();
 	periodic();
 	tsc_deadline();
+	halted();
 }

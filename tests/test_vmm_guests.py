@@ -117,7 +117,8 @@ def test_ipi(guests):
     """Fixed IPIs are delivered exactly once to exactly the addressed vCPUs: xAPIC self by
     shorthand and by own ID, BSP<->AP, AP->AP, all-excluding-self, all-including-self,
     physical 0xFF broadcast, no target for an absent ID; an IPI with IF=0 waits in IRR;
-    ICR delivery status reads idle. x2APIC (IA32_APIC_BASE.EXTD): ICR as one MSR 0x830
+    ICR delivery status reads idle; STI;HLT with an IPI pending does not block and an IPI
+    wakes a halted vCPU (kvm_vcpu_has_events). x2APIC (IA32_APIC_BASE.EXTD): ICR as one MSR 0x830
     write, SELF_IPI MSR 0x83F, MSR 0x831 #GP, x2APIC ID MSR = initial APIC ID, physical
     0xFFFFFFFF broadcast."""
     run_both(guests, "ipi", 3)
@@ -177,8 +178,9 @@ def test_timer(guests):
     entering it clears TMICT (apic_update_lvtt), TMICT writes are ignored, a deadline
     fires once not before the deadline and MSR 0x6E0 then reads 0, a past deadline fires
     at once, 0 disarms, re-arming replaces, masked it expires without an interrupt and
-    keeps the MSR value (the deadline is cleared on delivery only)."""
-    run_both(guests, "timer", 1)
+    keeps the MSR value (the deadline is cleared on delivery only). Each kind of timer
+    wakes a vCPU halted in HLT (kvm_vcpu_block until the timer's kvm_vcpu_kick)."""
+    run_both(guests, "timer", 2)
 
 
 def test_nmi(guests):
