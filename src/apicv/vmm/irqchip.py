@@ -225,7 +225,13 @@ class ModelIrqchipMixin:
                     v.ioctl(K.KVM_INTERRUPT, K.kvm_interrupt(irq=vec))
                     self.injected += 1
                     run.ready_for_interrupt_injection = 0
-            run.request_interrupt_window = int(mv.kvm_cpu_has_injectable_intr())
+            if mv.kvm_cpu_has_injectable_intr():
+                run.request_interrupt_window = 1
+                v.window_since = time.monotonic()
+                if not self.polling_windows:
+                    self.timer_changed.set()  # H6: the timer loop polls for the window
+            else:
+                run.request_interrupt_window = 0
         else:
             run.request_interrupt_window = 0
         cr8 = mv.apic.kvm_lapic_get_cr8()

@@ -37,6 +37,7 @@ KICK_SIGNAL = signal.SIGUSR1
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFEFFC000
 GIL_SWITCH_INTERVAL = 0.0002  # seconds
+WINDOW_POLL = 0.0002  # seconds a vCPU waits for an interrupt window before a kick (H6)
 STATUS_TIMEOUT = 124
 STATUS_ERROR = 125
 # CPUID 0x40000001 EAX: PV features that need KVM's in-kernel LAPIC (PV EOI, PV unhalt, PV
@@ -86,6 +87,7 @@ class _Vcpu:
         self.msrs = K.kvm_msrs_1()
         self.events = K.kvm_vcpu_events()
         self.nmi_inflight = False  # an NMI given to KVM may not have been delivered yet
+        self.window_since = 0.0  # when request_interrupt_window was last set
 
     def ioctl(self, req: int, arg=0) -> int:
         return _ioctl(self.fd, req, arg)
@@ -151,6 +153,7 @@ class Machine(ModelIrqchipMixin):
         self.done = threading.Event()
         self.timer_changed = threading.Event()  # wakes the timer loop early
         self.timer_wake_at = 0  # model time the timer loop sleeps until
+        self.polling_windows = False  # the timer loop polls vCPUs waiting for a window
         self.result: BootResult | None = None
         self.vcpus: list[_Vcpu] = []
         self.vm = None  # the model Vm (irqchip="model")
@@ -380,6 +383,8 @@ class Machine(ModelIrqchipMixin):
                     nxt = clock.next_expiry()
                     if nxt is not None:
                         wait = min(wait, max(0.0, (nxt - clock.now) / 1e9))
+                    if self._poll_windows():
+                        wait = min(wait, WINDOW_POLL)
                     # a vCPU arming an earlier timer meanwhile wakes this loop (_after_exit)
                     self.timer_wake_at = clock.now + int(wait * 1e9)
                     self.timer_changed.clear()
@@ -390,6 +395,22 @@ class Machine(ModelIrqchipMixin):
                 wait = min(wait, left)
             if wait > 0:
                 self.timer_changed.wait(wait)
+
+    def _poll_windows(self) -> bool:
+        """H6: this host's KVM notices an open interrupt window only at the guest's next exit,
+        so a guest spinning with IF=1 (``while (!flag) pause();``) would never see an
+        interrupt the VMM could not inject when it asked for the window. A vCPU that has
+        waited WINDOW_POLL in KVM_RUN with ``request_interrupt_window`` set is kicked out to
+        try again. Returns whether any vCPU is waiting for a window."""
+        now = time.monotonic()
+        waiting = False
+        for v in self.vcpus:
+            if v.in_run and v.run.request_interrupt_window:
+                waiting = True
+                if now - v.window_since >= WINDOW_POLL:
+                    self._kick(v)
+        self.polling_windows = waiting
+        return waiting
 
     def _thread(self, body, v: _Vcpu) -> None:
         v.tid = threading.get_ident()
