@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_boot(args, out: Out) -> int:
     """Boot a kernel; the exit status is the guest's (isa-debug-exit), 124 on timeout."""
-    from .vmm import boot
+    from .vmm import STATUS_ERROR, boot
 
     initrd: str | bytes | None = args.initrd
     if args.env:
@@ -292,10 +292,16 @@ def cmd_boot(args, out: Out) -> int:
             if "=" not in kv or not kv.split("=", 1)[0]:
                 raise ApicvError(f"--env {kv!r}: expected KEY=VAL")
         initrd = "".join(f"{kv}\n" for kv in args.env).encode()
-    res = boot(args.kernel, smp=args.smp, memory_mb=args.memory, x2apic=args.x2apic,
-               tsc_deadline=args.tsc_deadline, append=args.append, initrd=initrd,
-               timeout=args.timeout, irqchip=args.irqchip, trace_out=args.trace_out,
-               out=sys.stdout.buffer)
+    try:
+        res = boot(args.kernel, smp=args.smp, memory_mb=args.memory, x2apic=args.x2apic,
+                   tsc_deadline=args.tsc_deadline, append=args.append, initrd=initrd,
+                   timeout=args.timeout, irqchip=args.irqchip, trace_out=args.trace_out,
+                   out=sys.stdout.buffer)
+    except (ApicvError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a VMM bug must not exit 1, which is the guest's "passed"
+        print(f"apicv boot: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return STATUS_ERROR
     total = sum(res.exits.values())
     print(f"apicv boot: {res.message} (status {res.status}) after {res.elapsed:.2f} s, "
           f"{args.irqchip} irqchip, {total} exits to userspace", file=sys.stderr)
