@@ -199,3 +199,21 @@ def test_ioapic(guests):
     asserted level line delivers it, a masked edge is lost; the polarity bit is ignored;
     physical and logical (flat) destinations to an AP."""
     run_both(guests, "ioapic", 2)
+
+
+def test_trace_out(guests, tmp_path):
+    """`--trace-out` writes the model's timeline of a real boot: one track per vCPU with the
+    tracepoints KVM would emit (kvm_apic_ipi, kvm_apic_accept_irq, kvm_inj_virq, kvm_eoi)
+    and the mp_state changes of INIT-SIPI-SIPI (UNINITIALIZED -> INIT_RECEIVED ->
+    RUNNABLE)."""
+    import json
+
+    out = tmp_path / "t.json"
+    status, _o, err = boot(guests / "smp.elf", "model", 2, ("--trace-out", str(out)))
+    assert status == 1, err
+    events = json.loads(out.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"kvm_apic_ipi", "kvm_apic_accept_irq", "kvm_inj_virq", "kvm_eoi"} <= names
+    assert {"mp_state INIT_RECEIVED", "mp_state RUNNABLE"} <= names
+    threads = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert {"vCPU 0", "vCPU 1"} <= threads
