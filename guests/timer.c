@@ -176,6 +176,18 @@ static void tsc_deadline(void)
 		io_delay();
 	report(fired && count() == 1, "re-arming replaces the deadline (1 ms fires, 30 ms never)");
 
+	/* the deadline is compared with the guest's TSC, also after the guest moved it */
+	reset_count();
+	t0 = rdtsc();
+	wrmsr(MSR_IA32_TSC, t0 + ms_to_tsc(5000));
+	d = rdtsc() + us_to_tsc(5000);
+	bool moved = d - us_to_tsc(5000) - t0 >= ms_to_tsc(4000);
+	wrmsr(MSR_TSC_DEADLINE, d);
+	fired = wait_until(count() >= 1, 200);
+	report_unless(moved ? NULL : "this host ignores a guest WRMSR to IA32_TSC",
+		      fired && (!tsc_khz_known || fire_tsc[0] >= d),
+		      "after a WRMSR to IA32_TSC, a deadline 5 ms ahead fires on time, not early");
+
 	apic_write(APIC_LVTT, TV | LVT_MASKED | LVT_TIMER_TSCDEADLINE);
 	reset_count();
 	d = rdtsc() + us_to_tsc(1000);

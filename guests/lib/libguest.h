@@ -304,6 +304,7 @@ static inline u32 smp_id(void) { return this_cpu()->id; }
 #define APICBASE_BSP (1u << 8)
 #define APICBASE_EXTD (1u << 10)
 #define APICBASE_EN (1u << 11)
+#define MSR_IA32_TSC 0x10
 #define MSR_TSC_DEADLINE 0x6e0
 #define MSR_X2APIC_BASE 0x800
 #define MSR_GS_BASE 0xc0000101

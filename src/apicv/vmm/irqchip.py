@@ -110,16 +110,21 @@ class ModelIrqchipMixin:
         if trace:
             vm.enable_tracing(limit=trace_limit)
         t0 = time.monotonic_ns()
+        self.clock_t0 = t0
         vm.clock.follow(lambda: time.monotonic_ns() - t0)
         for v, mv in zip(self.vcpus, vm.vcpus, strict=True):
             v.model = mv
             # KVM's vcpu->arch.apic_base = the model's: CPUID.1:EDX.APIC follows it
             v.set_msr(A.MSR_IA32_APICBASE, mv.arch.apic_base)
-            # the model's guest TSC = the real one, never ahead of it (timers fire late, not
-            # early): offset = TSC read - khz * (time after the read)
-            tsc = v.get_msr(MSR_IA32_TSC)
-            now = time.monotonic_ns() - t0
-            mv.arch.tsc_offset = (tsc - now * self.tsc_khz // 1_000_000) & ((1 << 64) - 1)
+            self._calibrate_tsc(v, mv)
+
+    def _calibrate_tsc(self, v: _Vcpu, mv) -> None:
+        """The model's guest TSC (kvm_read_l1_tsc: offset + ns * kHz) = KVM's, never ahead
+        of it (timers fire late, not early): offset = TSC read - kHz * (time after the read).
+        Done at start and at every TSC-deadline write (the guest may have written its TSC)."""
+        tsc = v.get_msr(MSR_IA32_TSC)
+        now = time.monotonic_ns() - self.clock_t0
+        mv.arch.tsc_offset = (tsc - now * self.tsc_khz // 1_000_000) & ((1 << 64) - 1)
 
 
     def _pic_ports(self):
@@ -344,6 +349,8 @@ class ModelIrqchipMixin:
             msr.error = 1  # an access KVM itself failed: #GP, as KVM would inject
             return
         if write:
+            if index == A.MSR_IA32_TSC_DEADLINE:
+                self._calibrate_tsc(v, mv)
             ok = mv._write_msr(index, msr.data, host=False)
             msr.error = 0 if ok else 1
             if ok and index == A.MSR_IA32_APICBASE:
