@@ -197,12 +197,59 @@ static void x2apic_tests(void)
 	expect_end(0x66, all, "x2APIC physical destination 0xffffffff is a broadcast");
 }
 
+/*
+ * Two xAPIC IDs aliased: AP 1 takes the BSP's APIC ID. Architecturally a physical IPI
+ * then reaches both (KVM: the aliased ID disables the optimized map and the slow path
+ * delivers to every match). A VMM that enabled KVM_X2APIC_API_USE_32BIT_IDS -- which
+ * `apicv boot` and QEMU do only when the guest has x2APIC -- gets KVM's quirk instead:
+ * the map keeps the first vCPU with the ID, so only the BSP takes it.
+ */
+#define V_ALIAS 0x5a
+static volatile u32 alias_seen[MAX_CPUS];
+static void h_alias(struct frame *f)
+{
+	(void)f;
+	if (smp_id() != bsp && (apic_read(APIC_ID) >> 24) != smp_id())
+		apic_write(APIC_ID, smp_id() << 24); /* an AP takes its own ID back */
+	alias_seen[smp_id()]++;
+	apic_eoi();
+}
+
+static void set_xapic_id(void *id) { apic_write(APIC_ID, (u32)(u64)id << 24); }
+
+static void aliased_tests(void)
+{
+	if (nr_online < 2) {
+		skip("aliased xAPIC IDs [needs 2 CPUs]");
+		return;
+	}
+	u32 ap = cpu_ids[1];
+	bool quirk = cpu_has_x2apic();
+
+	set_handler(V_ALIAS, h_alias);
+	on_cpu(ap, set_xapic_id, (void *)(u64)bsp);
+	expect_begin(V_ALIAS);
+	apic_icr(bsp, ICR_ASSERT | V_ALIAS);
+	expect_end(V_ALIAS, quirk ? 1u << bsp : (1u << bsp) | (1u << ap),
+		   quirk ? "AP 1 aliased to the BSP's xAPIC ID: a physical IPI reaches only the "
+			   "BSP (KVM_X2APIC_API_USE_32BIT_IDS)"
+			 : "AP 1 aliased to the BSP's xAPIC ID: a physical IPI reaches both");
+	/* the quirk left AP 1 with the BSP's ID: a shorthand reaches it to take its own back */
+	u32 seen = READ_ONCE(alias_seen[ap]);
+	apic_icr(0, ICR_ALL_BUT_SELF | ICR_ASSERT | V_ALIAS);
+	wait_until(READ_ONCE(alias_seen[ap]) != seen, 1000);
+	expect_begin(0x5b);
+	apic_icr(ap, ICR_ASSERT | 0x5b);
+	expect_end(0x5b, 1u << ap, "AP 1 back at its own xAPIC ID");
+}
+
 void test_main(void)
 {
 	bsp = smp_id();
 	smp_init();
 	report(nr_online == nr_cpus, "%u of %u CPUs online", nr_online, nr_cpus);
 	xapic_tests();
+	aliased_tests();
 	halt_tests();
 	x2apic_tests();
 }

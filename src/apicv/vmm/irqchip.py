@@ -56,6 +56,9 @@ from ..uapi import (
 if TYPE_CHECKING:
     from .machine import _Vcpu
 
+# KVM_CAP_X2APIC_API as QEMU enables it when the guest has x2APIC: 32-bit IDs and no broadcast
+# quirk. Without x2APIC in CPUID it stays off, so aliased xAPIC IDs follow the architecture
+# (kvm_recalculate_phys_map disables the optimized map instead of keeping the first vCPU).
 X2APIC_API_FLAGS = 3  # KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK
 IOAPIC_BASE = 0xFEC00000
 IOAPIC_LEN = 0x100
@@ -103,7 +106,7 @@ class ModelIrqchipMixin:
             def _service_kicks(self) -> None:
                 vmm._drain_kicks()
 
-        self.vm = vm = _VmmVm(self.smp, X2APIC_API_FLAGS, enable_apicv=False,
+        self.vm = vm = _VmmVm(self.smp, self.x2apic_api, enable_apicv=False,
                               lapic_timer_advance=False, x2apic_cpuid=self.x2apic,
                               tsc_deadline_cpuid=self.tsc_deadline, tsc_khz=self.tsc_khz,
                               smm=False, maxphyaddr=self._maxphyaddr())
@@ -175,8 +178,8 @@ class ModelIrqchipMixin:
             ok = self._kvm_run(v)
             with lock:
                 v.in_run = mv.arch.in_guest_mode = False
-                if ok and not self.done.is_set():
-                    self._after_exit(v, mv)
+                if not self.done.is_set():
+                    self._after_exit(v, mv, ok)
 
     def _before_entry(self, v: _Vcpu, mv) -> bool:
         """vcpu_run / vcpu_enter_guest for the model: timers, requests, NMIs, INIT/SIPI,
@@ -291,7 +294,9 @@ class ModelIrqchipMixin:
         v.halt_if = False
         v.nmi_inflight = False
 
-    def _after_exit(self, v: _Vcpu, mv) -> None:
+    def _after_exit(self, v: _Vcpu, mv, exited: bool = True) -> None:
+        """After KVM_RUN: IF and CR8 as the guest left them (also when a kick interrupted the
+        run, *exited* False: the guest may have run and written CR8), then the exit."""
         run = v.run
         tr = self.vm.trace
         if tr is not None:
@@ -299,6 +304,9 @@ class ModelIrqchipMixin:
         mv.rflags_if = bool(run.if_flag)
         if run.cr8 != v.cr8_set:
             mv.apic.kvm_lapic_set_tpr(run.cr8)  # the guest wrote CR8 (kvm_set_cr8)
+            v.cr8_set = run.cr8
+        if not exited:
+            return
         self._handle_exit(v)
         vm = self.vm
         vm._after_lapic_change()

@@ -146,6 +146,7 @@ class Machine(ModelIrqchipMixin):
         self.smp = smp
         self.ram_size = memory_mb << 20
         self.x2apic = x2apic
+        self.x2apic_api = X2APIC_API_FLAGS if x2apic else 0
         self.tsc_deadline = tsc_deadline
         self.out = out
         self.output = bytearray()
@@ -187,7 +188,8 @@ class Machine(ModelIrqchipMixin):
         _ioctl(self.vm_fd, K.KVM_SET_USER_MEMORY_REGION, region)
         if self.irqchip == "kernel":
             _ioctl(self.vm_fd, K.KVM_CREATE_IRQCHIP)
-            self._enable_cap(K.KVM_CAP_X2APIC_API, X2APIC_API_FLAGS)
+            if self.x2apic_api:
+                self._enable_cap(K.KVM_CAP_X2APIC_API, self.x2apic_api)
         else:
             self._setup_user_msrs()
         self.tsc_khz = _ioctl(self.vm_fd, K.KVM_GET_TSC_KHZ)
