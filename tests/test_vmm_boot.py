@@ -203,3 +203,17 @@ def test_tsc_deadline_msr(tmp_path):
             + _wrmsr(0x6E0, far) + _rdmsr_out(0x6E0, both=True) + _exit(0))
     res, latches = _both(tmp_path, code)
     assert res.status == 1 and latches == [0, 0, 0, far >> 32]
+
+
+def test_timeout_names_a_stuck_hypercall(tmp_path):
+    """At a timeout, a vCPU whose RIP is on VMCALL is reported as stuck in a hypercall (H5:
+    this host's KVM never returns from KVM_HC_SEND_IPI); a vCPU elsewhere is not."""
+    code = _mov("eax", 10) + _mov("ebx", 0) + _mov("ecx", 0) + _mov("edx", 0)
+    at = ENTRY + len(code)
+    code += b"\x0F\x01\xC1" + b"\xEB\xFE"  # vmcall; jmp $
+    res, _ = _boot(_kernel(tmp_path, code), "model", timeout=1)
+    assert res.reason == "timeout"
+    if res.rips[0] == at:
+        assert "stuck in a hypercall at 0x%x" % at in res.message
+    else:
+        assert res.rips[0] == at + 3 and "hypercall" not in res.message

@@ -477,6 +477,11 @@ KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
 KVM_MSR_EXIT_REASON_FILTER = 1 << 2
 
 
+class kvm_translation(_Struct):
+    _fields_ = [("linear_address", u64), ("physical_address", u64), ("valid", u8),
+                ("writeable", u8), ("usermode", u8), ("pad", u8 * 5)]
+
+
 class kvm_interrupt(_Struct):
     _fields_ = [("irq", u32)]
 
@@ -521,6 +526,7 @@ KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 # vCPU
 KVM_RUN = _IO(KVMIO, 0x80)
+KVM_TRANSLATE = _IOWR(KVMIO, 0x85, kvm_translation)
 KVM_INTERRUPT = _IOW(KVMIO, 0x86, kvm_interrupt)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
 KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)

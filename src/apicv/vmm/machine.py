@@ -38,6 +38,7 @@ TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFEFFC000
 GIL_SWITCH_INTERVAL = 0.0002  # seconds
 WINDOW_POLL = 0.0002  # seconds a vCPU waits for an interrupt window before a kick (H6)
+HYPERCALLS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 STATUS_TIMEOUT = 124
 STATUS_ERROR = 125
 # CPUID 0x40000001 EAX: PV features that need KVM's in-kernel LAPIC (PV EOI, PV unhalt, PV
@@ -366,11 +367,29 @@ class Machine(ModelIrqchipMixin):
             r = K.kvm_regs()
             if _ioctl_raw(v.fd, K.KVM_GET_REGS, r)[0] == 0:
                 res.rips[v.vcpu_id] = r.rip
+                if res.reason == "timeout" and self._insn_at(v, r.rip) in HYPERCALLS:
+                    res.message += (f"; vCPU {v.vcpu_id} is stuck in a hypercall at "
+                                    f"{r.rip:#x} (this host's KVM never returns from "
+                                    "KVM_HC_SEND_IPI, H5: for kvm-unit-tests' apic.flat use "
+                                    "--env TEST_DEVICE=0)")
         res.injected = self.injected
         res.nmis = self.nmis
         if self.out is not None:
             self.out.flush()
         return res
+
+    def _insn_at(self, v: _Vcpu, rip: int) -> bytes:
+        """The 3 bytes at CS:RIP (KVM_TRANSLATE of the linear address), or b"" if not RAM."""
+        s = K.kvm_sregs()
+        if _ioctl_raw(v.fd, K.KVM_GET_SREGS, s)[0] != 0:
+            return b""
+        t = K.kvm_translation(linear_address=(s.cs.base + rip) & ((1 << 64) - 1))
+        if _ioctl_raw(v.fd, K.KVM_TRANSLATE, t)[0] != 0 or not t.valid:
+            return b""
+        gpa = t.physical_address
+        if gpa + 3 > self.ram_size:
+            return b""
+        return bytes(self.mem[gpa:gpa + 3])
 
     def _main_loop(self, deadline: float | None) -> None:
         """The model's timers on real time: fire what is due, sleep until the next expiry."""
