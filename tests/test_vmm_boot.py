@@ -214,6 +214,6 @@ def test_timeout_names_a_stuck_hypercall(tmp_path):
     res, _ = _boot(_kernel(tmp_path, code), "model", timeout=1)
     assert res.reason == "timeout"
     if res.rips[0] == at:
-        assert "stuck in a hypercall at 0x%x" % at in res.message
+        assert f"stuck in a hypercall at {at:#x}" in res.message
     else:
         assert res.rips[0] == at + 3 and "hypercall" not in res.message
