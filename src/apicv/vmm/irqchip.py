@@ -94,7 +94,6 @@ class ModelIrqchipMixin:
             r.bitmap = ctypes.addressof(bm)
         _ioctl(self.vm_fd, K.KVM_X86_SET_MSR_FILTER, flt)
 
-
     def _build_model(self, trace: bool, trace_limit: int) -> None:
         from ..vm import Vm
 
@@ -129,7 +128,6 @@ class ModelIrqchipMixin:
         now = time.monotonic_ns() - self.clock_t0
         mv.arch.tsc_offset = (tsc - now * self.tsc_khz // 1_000_000) & ((1 << 64) - 1)
 
-
     def _pic_ports(self):
         def read(port: int) -> int:
             out = self.vm.pic.picdev_read(port)
@@ -145,7 +143,6 @@ class ModelIrqchipMixin:
 
         return read, write
 
-
     def _drain_kicks(self) -> None:
         """The model's kvm_vcpu_kick()s since the last call: wake or signal those vCPUs."""
         kicked = self.vm.kvm.kicked
@@ -153,9 +150,10 @@ class ModelIrqchipMixin:
             arch = kicked.pop()
             self._kick(self.vcpus[arch.vcpu_idx])
 
-
     # -- the model as irqchip --
     def _vcpu_loop_model(self, v: _Vcpu) -> None:
+        """One vCPU's thread: vcpu_run() with the model -- enter (or wait, as vcpu_block does,
+        until a kick), KVM_RUN without the lock, handle the exit."""
         mv = v.model
         lock = self.lock
         run = v.run
@@ -316,7 +314,6 @@ class ModelIrqchipMixin:
         if tr is not None:
             tr.apic_state(mv.apic)
         self._drain_kicks()
-
 
     def _mmio(self, v: _Vcpu) -> None:
         m = v.run.u.mmio
