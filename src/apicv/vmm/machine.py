@@ -197,8 +197,11 @@ class Machine(ModelIrqchipMixin):
         self.supported_cpuid = self._supported_cpuid()
         for vid in range(self.smp):
             fd = _ioctl(self.vm_fd, K.KVM_CREATE_VCPU, vid)
-            self._fds.append(fd)
-            v = _Vcpu(self, vid, fd)
+            try:
+                v = _Vcpu(self, vid, fd)  # closes fd with the vCPU from now on
+            except BaseException:
+                os.close(fd)
+                raise
             self.vcpus.append(v)
             self._set_cpuid(v)
         self.loaded = multiboot.load(self.mem, self.ram_size, image, path=kernel,
