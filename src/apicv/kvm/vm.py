@@ -223,6 +223,59 @@ def _param_bool(v: str | None) -> bool | None:
         return None
 
 
+def get_supported_cpuid(kvm_fd: int) -> list[K.kvm_cpuid_entry2]:
+    """KVM_GET_SUPPORTED_CPUID on /dev/kvm (growing the buffer while KVM says E2BIG)."""
+    n = 128
+    while True:
+        buf = K.kvm_cpuid2_with(n)()
+        buf.nent = n
+        r, e = _ioctl_raw(kvm_fd, K.KVM_GET_SUPPORTED_CPUID, buf)
+        if r >= 0:
+            return [K.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+        if e != _errno.E2BIG or n >= 4096:
+            raise KvmError(e, "KVM_GET_SUPPORTED_CPUID")
+        n *= 2
+
+
+def cpuid_maxphyaddr(entries: list[K.kvm_cpuid_entry2]) -> int:
+    """MAXPHYADDR: CPUID 0x80000008 EAX[7:0] (36 without the leaf)."""
+    for ent in entries:
+        if ent.function == 0x80000008:
+            return ent.eax & 0xFF
+    return 36
+
+
+def vcpu_cpuid(entries: list[K.kvm_cpuid_entry2], vcpu_id: int, *, x2apic: bool,
+               tsc_deadline: bool, maxphyaddr: int | None = None):
+    """The struct kvm_cpuid2 for KVM_SET_CPUID2: *entries* with this vCPU's APIC IDs (leaf 1
+    EBX[31:24], leaves 0xB/0x1F EDX), CPUID.1:ECX x2APIC (bit 21) and TSC-deadline (bit 24)
+    as asked, and MAXPHYADDR if given."""
+    buf = K.kvm_cpuid2_with(len(entries))()
+    buf.nent = len(entries)
+    for i, src in enumerate(entries):
+        e = K.kvm_cpuid_entry2.from_buffer_copy(src)
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (vcpu_id & 0xFF) << 24
+            e.ecx = (e.ecx & ~(1 << 21)) | (bool(x2apic) << 21)
+            e.ecx = (e.ecx & ~(1 << 24)) | (bool(tsc_deadline) << 24)
+        elif e.function in (0xB, 0x1F):
+            e.edx = vcpu_id & 0xFFFFFFFF
+        elif e.function == 0x80000008 and maxphyaddr is not None:
+            e.eax = (e.eax & ~0xFF) | maxphyaddr
+        buf.entries[i] = e
+    return buf
+
+
+def enable_vm_cap(vm_fd: int, cap: int, *args: int) -> None:
+    """KVM_ENABLE_CAP on a VM fd (up to 4 arguments)."""
+    if len(args) > 4:
+        raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
+    ec = K.kvm_enable_cap(cap=cap, flags=0)
+    for i, a in enumerate(args):
+        ec.args[i] = a & _U64
+    _ioctl(vm_fd, K.KVM_ENABLE_CAP, ec)
+
+
 def host_module_parameters() -> dict[str, object]:
     """The kvm (and kvm_intel/kvm_amd) module parameters the model takes as VM options.
 
@@ -425,8 +478,8 @@ class KvmVm:
                disabled_quirks, maxphyaddr, tsc_khz) -> None:
         kfd = self._kvm_fd
         self._vcpu_mmap_size = _ioctl(kfd, K.KVM_GET_VCPU_MMAP_SIZE)
-        self._supported_cpuid = self._get_supported_cpuid()
-        host_maxphyaddr = self._host_maxphyaddr()
+        self._supported_cpuid = get_supported_cpuid(kfd)
+        host_maxphyaddr = cpuid_maxphyaddr(self._supported_cpuid)
         if maxphyaddr is not None and not 32 <= maxphyaddr <= host_maxphyaddr:
             raise ValueError(f"maxphyaddr={maxphyaddr}: this host supports 32..{host_maxphyaddr} "
                              f"(CPUID 0x80000008 EAX[7:0] = {host_maxphyaddr})")
@@ -454,19 +507,6 @@ class KvmVm:
             self.create_vcpu(vid)
 
     # ------------------------------------------------------------------ host facts
-    def _get_supported_cpuid(self) -> list[K.kvm_cpuid_entry2]:
-        n = 128
-        while True:
-            buf = K.kvm_cpuid2_with(n)()
-            buf.nent = n
-            r, e = _ioctl_raw(self._kvm_fd, K.KVM_GET_SUPPORTED_CPUID, buf)
-            if r >= 0:
-                return [K.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i])
-                        for i in range(buf.nent)]
-            if e != _errno.E2BIG or n >= 4096:
-                raise KvmError(e, "KVM_GET_SUPPORTED_CPUID")
-            n *= 2
-
     @property
     def smm(self) -> bool:
         """KVM_CAP_X86_SMM: whether an SMI can be injected at all."""
@@ -478,12 +518,6 @@ class KvmVm:
         v = ctypes.c_uint64(0)
         _ioctl(self._kvm_fd, K.KVM_X86_GET_MCE_CAP_SUPPORTED, v)
         return v.value
-
-    def _host_maxphyaddr(self) -> int:
-        for ent in self._supported_cpuid:
-            if ent.function == 0x80000008:
-                return ent.eax & 0xFF
-        return 36
 
     def _host_tsc_khz(self) -> int:
         r, _ = _ioctl_raw(self._vm_fd, K.KVM_GET_TSC_KHZ)
@@ -589,12 +623,7 @@ class KvmVm:
     def enable_cap(self, cap: int, *args: int) -> None:
         """KVM_ENABLE_CAP on the VM fd (up to 4 arguments)."""
         self._check_open()
-        if len(args) > 4:
-            raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
-        ec = K.kvm_enable_cap(cap=cap, flags=0)
-        for i, a in enumerate(args):
-            ec.args[i] = a & _U64
-        _ioctl(self._vm_fd, K.KVM_ENABLE_CAP, ec)
+        enable_vm_cap(self._vm_fd, cap, *args)
 
     def signal_msi(self, address_lo: int, address_hi: int = 0, data: int = 0,
                    flags: int = 0, devid: int = 0) -> int:
@@ -885,20 +914,8 @@ class KvmVcpu:
         (leaf 1 EBX[31:24], leaves 0xB/0x1F EDX), CPUID.1:ECX x2APIC (bit 21) and TSC-deadline
         (bit 24) as asked, and the VM's MAXPHYADDR. KVM refuses a different CPUID once the
         vCPU has run (EINVAL)."""
-        ents = self.vm._supported_cpuid
-        buf = K.kvm_cpuid2_with(len(ents))()
-        buf.nent = len(ents)
-        for i, src in enumerate(ents):
-            e = K.kvm_cpuid_entry2.from_buffer_copy(src)
-            if e.function == 1:
-                e.ebx = (e.ebx & 0x00FFFFFF) | (self.vcpu_id & 0xFF) << 24
-                e.ecx = (e.ecx & ~(1 << 21)) | (bool(x2apic) << 21)
-                e.ecx = (e.ecx & ~(1 << 24)) | (bool(tsc_deadline) << 24)
-            elif e.function in (0xB, 0x1F):
-                e.edx = self.vcpu_id & 0xFFFFFFFF
-            elif e.function == 0x80000008:
-                e.eax = (e.eax & ~0xFF) | self.vm.maxphyaddr
-            buf.entries[i] = e
+        buf = vcpu_cpuid(self.vm._supported_cpuid, self.vcpu_id, x2apic=x2apic,
+                         tsc_deadline=tsc_deadline, maxphyaddr=self.vm.maxphyaddr)
         self._ioctl(K.KVM_SET_CPUID2, buf)
 
     def set_tpr_access_reporting(self, enabled: bool, flags: int = 0) -> None:

@@ -138,7 +138,6 @@ class PortBus:
         self.on_exit = on_exit
         self.pic = pic
         self.latch = 0
-        self.irq_levels = [0] * TESTDEV_NR_IRQS
 
     def read(self, port: int, size: int) -> int:
         ones = (1 << (8 * size)) - 1
@@ -163,10 +162,7 @@ class PortBus:
         elif port == FW_CFG_CTL:
             self.fw_cfg.select(value)
         elif TESTDEV_IRQ <= port < TESTDEV_IRQ + TESTDEV_NR_IRQS:
-            n = port - TESTDEV_IRQ
-            level = 1 if value & 0xFF else 0
-            self.irq_levels[n] = level
-            self.irq_line(n, level)
+            self.irq_line(port - TESTDEV_IRQ, 1 if value & 0xFF else 0)
         elif port == TESTDEV_LATCH:
             self.latch = value
         elif self.pic is not None and port in self.PIC_PORTS:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from .. import apicdef as A
 from ..errors import BootError
 from ..kvm import uapi as K
-from ..kvm.vm import _ioctl
+from ..kvm.vm import _ioctl, cpuid_maxphyaddr, enable_vm_cap
 from ..kvm_host import KVM_APIC_INIT, KVM_REQ_EVENT, KVM_REQ_NMI
 from ..uapi import (
     KVM_MP_STATE_HALTED,
@@ -81,7 +81,7 @@ class ModelIrqchipMixin:
         if _ioctl(self._kfd, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_USER_SPACE_MSR) <= 0:
             raise BootError("this KVM lacks KVM_CAP_X86_USER_SPACE_MSR: x2APIC MSRs cannot "
                             "reach a userspace irqchip")
-        self._enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR,
+        enable_vm_cap(self.vm_fd, K.KVM_CAP_X86_USER_SPACE_MSR,
                          K.KVM_MSR_EXIT_REASON_FILTER | K.KVM_MSR_EXIT_REASON_INVAL)
         flt = K.kvm_msr_filter(flags=K.KVM_MSR_FILTER_DEFAULT_ALLOW)
         self._bitmaps = []
@@ -108,7 +108,7 @@ class ModelIrqchipMixin:
         self.vm = vm = _VmmVm(self.smp, self.x2apic_api, enable_apicv=False,
                               lapic_timer_advance=False, x2apic_cpuid=self.x2apic,
                               tsc_deadline_cpuid=self.tsc_deadline, tsc_khz=self.tsc_khz,
-                              smm=False, maxphyaddr=self._maxphyaddr())
+                              smm=False, maxphyaddr=cpuid_maxphyaddr(self.supported_cpuid))
         if trace:
             vm.enable_tracing(limit=trace_limit)
         t0 = time.monotonic_ns()
@@ -243,7 +243,6 @@ class ModelIrqchipMixin:
         cr8 = mv.apic.kvm_lapic_get_cr8()
         run.cr8 = cr8
         v.cr8_set = cr8
-        vm._after_lapic_change()
         self._drain_kicks()
         return True
 

@@ -27,11 +27,19 @@ from dataclasses import dataclass, field
 
 from ..errors import ApicvError, BootError, KvmError
 from ..kvm import uapi as K
-from ..kvm.vm import _ioctl, _ioctl_raw, kvm_available
+from ..kvm.vm import (
+    _flat,
+    _ioctl,
+    _ioctl_raw,
+    enable_vm_cap,
+    get_supported_cpuid,
+    kvm_available,
+    vcpu_cpuid,
+)
 from ..uapi import KVM_MP_STATE_HALTED
 from . import multiboot
 from .devices import FwCfg, PortBus, Serial16550
-from .irqchip import X2APIC_API_FLAGS, ModelIrqchipMixin, _seg
+from .irqchip import X2APIC_API_FLAGS, ModelIrqchipMixin
 
 KICK_SIGNAL = signal.SIGUSR1
 TSS_ADDR = 0xFFFBD000
@@ -190,11 +198,11 @@ class Machine(ModelIrqchipMixin):
         if self.irqchip == "kernel":
             _ioctl(self.vm_fd, K.KVM_CREATE_IRQCHIP)
             if self.x2apic_api:
-                self._enable_cap(K.KVM_CAP_X2APIC_API, self.x2apic_api)
+                enable_vm_cap(self.vm_fd, K.KVM_CAP_X2APIC_API, self.x2apic_api)
         else:
             self._setup_user_msrs()
         self.tsc_khz = _ioctl(self.vm_fd, K.KVM_GET_TSC_KHZ)
-        self.supported_cpuid = self._supported_cpuid()
+        self.supported_cpuid = get_supported_cpuid(kfd)
         for vid in range(self.smp):
             fd = _ioctl(self.vm_fd, K.KVM_CREATE_VCPU, vid)
             try:
@@ -215,56 +223,33 @@ class Machine(ModelIrqchipMixin):
             self._build_model(trace, trace_limit)
         self._mask_pic()
 
-    def _enable_cap(self, cap: int, *args: int) -> None:
-        c = K.kvm_enable_cap(cap=cap)
-        for i, a in enumerate(args):
-            c.args[i] = a
-        _ioctl(self.vm_fd, K.KVM_ENABLE_CAP, c)
-
-    def _supported_cpuid(self) -> list:
-        n = 256
-        while True:
-            buf = K.kvm_cpuid2_with(n)()
-            buf.nent = n
-            r, e = _ioctl_raw(self._kfd, K.KVM_GET_SUPPORTED_CPUID, buf)
-            if r >= 0:
-                return [K.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i])
-                        for i in range(buf.nent)]
-            if e != _errno.E2BIG or n >= 4096:
-                raise KvmError(e, "KVM_GET_SUPPORTED_CPUID")
-            n *= 2
-
     def _set_cpuid(self, v: _Vcpu) -> None:
-        """KVM_SET_CPUID2: the supported CPUID with this vCPU's APIC ID (leaf 1 EBX[31:24],
-        leaves 0xB/0x1F EDX), x2APIC (1:ECX[21]) and TSC-deadline (1:ECX[24]) as asked."""
-        ents = self.supported_cpuid
-        buf = K.kvm_cpuid2_with(len(ents))()
-        buf.nent = len(ents)
-        for i, src in enumerate(ents):
-            e = K.kvm_cpuid_entry2.from_buffer_copy(src)
+        """KVM_SET_CPUID2: the supported CPUID with this vCPU's APIC ID and the x2APIC /
+        TSC-deadline bits asked for (kvm.vm.vcpu_cpuid), plus the logical-processor count
+        (1:EBX[23:16], HTT), the APIC bit, and no PV features that need KVM's LAPIC when the
+        model is the irqchip."""
+        buf = vcpu_cpuid(self.supported_cpuid, v.vcpu_id, x2apic=self.x2apic,
+                         tsc_deadline=self.tsc_deadline)
+        for i in range(buf.nent):
+            e = buf.entries[i]
             if e.function == 1:
-                e.ebx = (e.ebx & 0x0000FFFF) | (self.smp & 0xFF) << 16 | (v.vcpu_id & 0xFF) << 24
-                e.ecx = (e.ecx & ~(1 << 21)) | (bool(self.x2apic) << 21)
-                e.ecx = (e.ecx & ~(1 << 24)) | (bool(self.tsc_deadline) << 24)
+                e.ebx = (e.ebx & 0xFF00FFFF) | (self.smp & 0xFF) << 16
                 e.edx |= 1 << 9  # APIC (KVM clears it at run time while APIC_BASE.EN is 0)
                 if self.smp > 1:
                     e.edx |= 1 << 28  # HTT: EBX[23:16] is valid
-            elif e.function in (0xB, 0x1F):
-                e.edx = v.vcpu_id
             elif e.function == 0x40000001 and self.irqchip == "model":
                 e.eax &= ~KVM_PV_FEATURES_NEEDING_LAPIC
-            buf.entries[i] = e
         v.ioctl(K.KVM_SET_CPUID2, buf)
-        self.cpuid_1_eax = next((e.eax for e in ents if e.function == 1), 0)
+        self.cpuid_1_eax = next((e.eax for e in self.supported_cpuid if e.function == 1), 0)
 
     def _set_entry_state(self, v: _Vcpu) -> None:
         """Multiboot entry: 32-bit protected mode, paging off, flat segments; EAX magic, EBX
         the MBI (KVM_GET_SREGS first so that apic_base and the rest keep KVM's values)."""
         s = K.kvm_sregs()
         v.ioctl(K.KVM_GET_SREGS, s)
-        _seg(s.cs, base=0, limit=0xFFFFFFFF, selector=0x10, type_=0xB, db=1, g=1)
+        _flat(s.cs, 0x10, type_=0xB, db=1, long=0)
         for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
-            _seg(seg, base=0, limit=0xFFFFFFFF, selector=0x18, type_=0x3, db=1, g=1)
+            _flat(seg, 0x18, type_=0x3, db=1, long=0)
         s.cr0 = K.X86_CR0_PE | K.X86_CR0_ET
         s.cr3 = s.cr4 = 0
         s.efer = 0
@@ -273,12 +258,6 @@ class Machine(ModelIrqchipMixin):
         for name, val in self.loaded.registers.items():
             setattr(r, name, val)
         v.ioctl(K.KVM_SET_REGS, r)
-
-    def _maxphyaddr(self) -> int:
-        for e in self.supported_cpuid:
-            if e.function == 0x80000008:
-                return e.eax & 0xFF
-        return 36
 
     def _mask_pic(self) -> None:
         """Both PICs start with every line masked (IMR 0xFF): a test kernel's GSIs 0-15 go to
@@ -421,8 +400,8 @@ class Machine(ModelIrqchipMixin):
                 self.timer_changed.wait(wait)
 
     def _poll_windows(self) -> bool:
-        """H6: this host's KVM notices an open interrupt window only at the guest's next exit,
-        so a guest spinning with IF=1 (``while (!flag) pause();``) would never see an
+        """H6: this host's KVM may notice an open interrupt window only at the guest's next
+        exit, so a guest spinning with IF=1 (``while (!flag) pause();``) may never see an
         interrupt the VMM could not inject when it asked for the window. A vCPU that has
         waited WINDOW_POLL in KVM_RUN with ``request_interrupt_window`` set is kicked out to
         try again. Returns whether any vCPU is waiting for a window."""
