@@ -106,6 +106,29 @@ static void ipi_after_2ms(void *arg)
 	apic_icr(bsp, ICR_ASSERT | (u32)(u64)arg);
 }
 
+/*
+ * An interrupt that becomes deliverable while IF=0 must be taken once IF=1 again, also
+ * if the CPU then only spins (PAUSE, no VM exits): here the handler of 0x5c sends 0x5d
+ * and returns, and IRET is what opens the window (a userspace irqchip depends on an
+ * interrupt-window exit, or on polling for one where the host sends none: H6).
+ */
+static void h_window(struct frame *f)
+{
+	(void)f;
+	apic_eoi();
+	apic_icr(bsp, ICR_ASSERT | 0x5d);
+}
+
+static void window_tests(void)
+{
+	set_handler(0x5c, h_window);
+	u32 n0 = irq_count[bsp][0x5d];
+	apic_icr(bsp, ICR_ASSERT | 0x5c);
+	bool got = spin_until(READ_ONCE(irq_count[bsp][0x5d]) != n0, 500);
+	report(got, "an IPI sent inside a handler is taken after its IRET by a CPU spinning "
+	       "without exits");
+}
+
 static void halt_tests(void)
 {
 	int r;
@@ -250,6 +273,7 @@ void test_main(void)
 	report(nr_online == nr_cpus, "%u of %u CPUs online", nr_online, nr_cpus);
 	xapic_tests();
 	aliased_tests();
+	window_tests();
 	halt_tests();
 	x2apic_tests();
 }

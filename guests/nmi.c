@@ -4,7 +4,12 @@
  *  - NMIs are blocked from NMI delivery until IRET: one raised inside the handler is
  *    taken right after it, once; two raised inside it still give one (one can pend);
  *  - an NMI IPI reaches an AP running with IF=0; a broadcast NMI (all excluding self)
- *    wakes every halted AP once.
+ *    wakes every halted AP once;
+ *  - an NMI and then a fixed IPI sent by an AP to the BSP while the BSP is in its NMI
+ *    handler; after IRET the BSP spins with IF=1 and no VM exits: both arrive, the NMI
+ *    first (KVM injects a pending NMI before an interrupt;
+ *    a VMM must not let a KVM_INTERRUPT vector overtake it, nor wait for an
+ *    interrupt-window exit this host never sends).
  * NMI handlers never print or take locks.
  */
 #include "libguest.h"
@@ -17,10 +22,44 @@ static volatile u32 nested_during; /* NMIs counted while the 1st handler was sti
 
 static u32 nmis(u32 id) { return READ_ONCE(irq_count[id][2]); }
 
+#define V_AFTER 0x45
+static volatile u32 order_on, order_n, order_log[4];
+static u32 ap;
+static void log_order(u32 v)
+{
+	if (order_on && order_n < 4)
+		order_log[order_n++] = v;
+}
+
+static void h_after(struct frame *f)
+{
+	(void)f;
+	log_order(V_AFTER);
+	apic_eoi();
+}
+
+static volatile u32 ap_sent;
+static void ap_nmi_then_fixed(void *arg)
+{
+	(void)arg;
+	apic_icr(bsp, ICR_NMI | ICR_ASSERT);
+	apic_icr(bsp, ICR_FIXED | ICR_ASSERT | V_AFTER);
+	ap_sent = 1;
+}
+
 static void h_nmi(struct frame *f)
 {
 	u32 me = smp_id();
 	nmi_rflags[me] = f->rflags;
+	if (me == bsp) {
+		log_order(2);
+		if (order_on == 1) {
+			/* NMIs blocked here: the AP's NMI and fixed IPI both wait for the IRET */
+			order_on = 2;
+			on_cpu_async(cpu_ids[1], ap_nmi_then_fixed, NULL);
+			spin_until(READ_ONCE(ap_sent), 1000);
+		}
+	}
 	if (resend) {
 		int n = resend;
 		u32 before = irq_count[me][2];
@@ -88,7 +127,7 @@ void test_main(void)
 		skip("NMI IPIs to APs: one CPU (boot with --smp 2 or more)");
 		return;
 	}
-	u32 ap = cpu_ids[1];
+	ap = cpu_ids[1];
 	ap_ready = 0;
 	ap_got = 0;
 	on_cpu_async(ap, ap_wait_nmi_cli, NULL);
@@ -110,4 +149,18 @@ void test_main(void)
 	for (u32 i = 1; i < nr_online; i++)
 		once &= nmis(cpu_ids[i]) == before[cpu_ids[i]] + 1;
 	report(all && once, "NMI broadcast (all excluding self) wakes each halted AP once");
+
+	set_handler(V_AFTER, h_after);
+	order_n = 0;
+	ap_sent = 0;
+	order_on = 1;
+	sti();
+	apic_icr(bsp, ICR_NMI | ICR_ASSERT);
+	bool all3 = spin_until(READ_ONCE(order_n) >= 3, 1000); /* PAUSE only: no VM exits */
+	order_on = 0;
+	on_cpu_wait(ap, 1000);
+	if (!report(all3 && order_log[0] == 2 && order_log[1] == 2 && order_log[2] == V_AFTER,
+		    "an AP's NMI and fixed IPI sent during an NMI handler: after IRET, while "
+		    "the BSP spins with IF=1, the NMI comes first, then the interrupt"))
+		info("%u taken: %x %x %x", order_n, order_log[0], order_log[1], order_log[2]);
 }

@@ -217,3 +217,19 @@ def test_timeout_names_a_stuck_hypercall(tmp_path):
         assert f"stuck in a hypercall at {at:#x}" in res.message
     else:
         assert res.rips[0] == at + 3 and "hypercall" not in res.message
+
+
+def test_pv_features_needing_kvms_lapic_are_hidden(tmp_path):
+    """With the model as irqchip, CPUID 0x40000001 EAX hides KVM's PV features that need its
+    in-kernel LAPIC (PV EOI bit 6, PV unhalt 7, PV send-IPI 11, PV sched_yield 13, async-PF
+    interrupts 14); the kernel irqchip shows KVM_GET_SUPPORTED_CPUID's value."""
+    from apicv.kvm.vm import get_supported_cpuid
+    from apicv.vmm.machine import KVM_PV_FEATURES_NEEDING_LAPIC
+
+    code = _mov("eax", 0x40000001) + _mov("ecx", 0) + b"\x0F\xA2" + _out_latch() + _exit(0)
+    path = _kernel(tmp_path, code)
+    (_, (model,)), (_, (kernel,)) = _boot(path, "model"), _boot(path, "kernel")
+    with open("/dev/kvm", "rb", buffering=0) as f:
+        sup = next(e.eax for e in get_supported_cpuid(f.fileno()) if e.function == 0x40000001)
+    assert kernel == sup and sup & KVM_PV_FEATURES_NEEDING_LAPIC
+    assert model == sup & ~KVM_PV_FEATURES_NEEDING_LAPIC
