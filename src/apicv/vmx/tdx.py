@@ -75,7 +75,7 @@ class TdVirtualApic:
         self.isr = 0
         self.tmr = 0
 
-    def _vector_dword(self, offset: int) -> int:
+    def vector_dword(self, offset: int) -> int:
         bank, idx = divmod(offset - A.APIC_ISR, 0x80)
         vec = (self.isr, self.tmr, self.irr)[bank]
         return (vec >> (32 * (idx >> 4))) & _U32

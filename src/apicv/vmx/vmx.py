@@ -170,7 +170,7 @@ class VmxVcpu:
         apic = self.apic
         slot = offset & 0xFF0
         if A.APIC_ISR <= slot < A.APIC_ESR:
-            word = apic._vector_dword(slot)
+            word = apic.vector_dword(slot)
         else:
             word = apic.r[slot >> 2]
         shift = 8 * (offset & 3)
