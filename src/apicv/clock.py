@@ -17,29 +17,32 @@ class HrTimer:
 
     The callback returns True for HRTIMER_RESTART (re-armed at ``self.expires``, which the
     callback has moved on, as ``hrtimer_set_expires`` does) or False for HRTIMER_NORESTART.
+
+    ``gen`` counts starts and cancels: a queued entry whose generation is not the timer's
+    current one is stale and skipped, so cancelling never searches the queue.
     """
 
-    __slots__ = ("clock", "function", "expires", "_gen", "active")
+    __slots__ = ("clock", "function", "expires", "gen", "active")
 
     def __init__(self, clock: Clock, function: Callable[[], bool]) -> None:
         self.clock = clock
         self.function = function
         self.expires = 0
-        self._gen = 0
+        self.gen = 0
         self.active = False
 
     def start(self, expires: int) -> None:
         """hrtimer_start(HRTIMER_MODE_ABS): (re)arm at absolute time *expires*."""
-        self._gen += 1
+        self.gen += 1
         self.expires = expires
         self.active = True
-        self.clock._enqueue(self)
+        self.clock.enqueue(self)
 
     def cancel(self) -> bool:
         """hrtimer_cancel: returns whether the timer was armed."""
         was = self.active
         if was:
-            self._gen += 1
+            self.gen += 1
             self.active = False
         return was
 
@@ -55,7 +58,9 @@ class Clock:
 
     def __init__(self, start_ns: int = 0) -> None:
         self.now = start_ns
-        self._queue: list[tuple[int, int, int, HrTimer]] = []
+        # a heap of (expires, seq, gen, timer); an entry whose gen is not the timer's is stale
+        self.queue: list[tuple[int, int, int, HrTimer]] = []
+        self._queue = self.queue  # the former name (apicv.vm reads it); the same list
         self._seq = 0
         self.source = None
         self.after_fire = None  # called after each timer callback
@@ -71,17 +76,18 @@ class Clock:
             if t > self.now:
                 self.advance_to(t)
 
-    def _enqueue(self, timer: HrTimer) -> None:
+    def enqueue(self, timer: HrTimer) -> None:
+        """Queue *timer* at its ``expires``, tagged with its current ``gen``."""
         self._seq += 1
-        heapq.heappush(self._queue, (timer.expires, self._seq, timer._gen, timer))
+        heapq.heappush(self.queue, (timer.expires, self._seq, timer.gen, timer))
 
     def timer(self, function: Callable[[], bool]) -> HrTimer:
         return HrTimer(self, function)
 
     def next_expiry(self) -> int | None:
         """Expiry of the earliest armed timer, or None."""
-        q = self._queue
-        while q and (q[0][3]._gen != q[0][2] or not q[0][3].active):
+        q = self.queue
+        while q and (q[0][3].gen != q[0][2] or not q[0][3].active):
             heapq.heappop(q)
         return q[0][0] if q else None
 
@@ -97,10 +103,10 @@ class Clock:
         if t < self.now:
             raise ValueError(f"time cannot go backwards (now {self.now} ns, asked {t} ns)")
         fired = 0
-        q = self._queue
+        q = self.queue
         while q and q[0][0] <= t:
             expires, _seq, gen, timer = heapq.heappop(q)
-            if gen != timer._gen or not timer.active:
+            if gen != timer.gen or not timer.active:
                 continue  # cancelled or re-armed since queued
             self.now = max(self.now, expires)
             timer.active = False
