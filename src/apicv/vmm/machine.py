@@ -142,15 +142,12 @@ class Machine(ModelIrqchipMixin):
         ok, why = kvm_available()
         if not ok:
             raise BootError(why)
-        try:
-            with open(kernel, "rb") as f:
-                image = f.read()
-            rd = initrd if isinstance(initrd, bytes | None) else None
-            if isinstance(initrd, str):
-                with open(initrd, "rb") as f:
-                    rd = f.read()
-        except OSError as e:
-            raise BootError(f"{e.filename}: {e.strerror}") from None
+        # regular files only, none larger than the guest's RAM (what could not be loaded
+        # anyway): not /dev/zero, a FIFO or a directory
+        image = multiboot.read_image(kernel, "kernel", memory_mb << 20)
+        rd = initrd if isinstance(initrd, bytes | None) else None
+        if isinstance(initrd, str):
+            rd = multiboot.read_image(initrd, "initrd", memory_mb << 20)
         self.irqchip = irqchip
         self.smp = smp
         self.ram_size = memory_mb << 20
@@ -325,22 +322,22 @@ class Machine(ModelIrqchipMixin):
         t_start = time.monotonic()
         body = self._vcpu_loop_model if self.irqchip == "model" else self._vcpu_loop_kernel
         try:
-            for v in self.vcpus:
-                v.thread = threading.Thread(target=self._thread, args=(body, v),
-                                            name=f"vcpu{v.vcpu_id}", daemon=True)
-                v.thread.start()
+            self._start_threads(body)
             deadline = None if timeout is None else t_start + timeout
             self._main_loop(deadline)
             if self.result is None:
                 self._finish(BootResult(status=STATUS_TIMEOUT, reason="timeout",
                                         message=f"timed out after {timeout:g} s"))
-            for v in self.vcpus:
-                while v.thread.is_alive():
-                    self._kick(v)
-                    v.thread.join(0.05)
         finally:
-            signal.signal(KICK_SIGNAL, old)
-            sys.setswitchinterval(old_switch)
+            # on every way out (a Ctrl-C included): no vCPU thread may outlive the run, and
+            # the kick signal keeps its handler until the last one is gone (its default
+            # action would kill the process)
+            try:
+                self._stop_threads()
+            finally:
+                if not self._threads_alive():
+                    signal.signal(KICK_SIGNAL, old)
+                sys.setswitchinterval(old_switch)
         res = self.result
         res.elapsed = time.monotonic() - t_start
         res.output = bytes(self.output)
@@ -372,6 +369,43 @@ class Machine(ModelIrqchipMixin):
         if gpa + 3 > self.ram_size:
             return b""
         return bytes(self.mem[gpa:gpa + 3])
+
+    def _start_threads(self, body) -> None:
+        """One thread per vCPU, started with SIGINT blocked: the threads inherit the mask, so
+        a Ctrl-C always reaches the main thread, and never lands between a thread's start and
+        the record that it runs."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for v in self.vcpus:
+                v.thread = threading.Thread(target=self._thread, args=(body, v),
+                                            name=f"vcpu{v.vcpu_id}", daemon=True)
+                v.thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _threads_alive(self) -> bool:
+        return any(v.thread is not None and v.thread.is_alive() for v in self.vcpus)
+
+    def _stop_threads(self, patience: float = 10.0) -> None:
+        """Stop every vCPU thread and wait until each has returned: before anything a thread
+        touches (kvm_run, guest memory, the fds) may be unmapped or closed. A Ctrl-C while
+        waiting does not cut the wait short; it is raised again once the threads are gone.
+        A thread still alive after *patience* seconds is left running (close() then leaves
+        the mappings to the process's exit rather than pull them from under it)."""
+        interrupted: BaseException | None = None
+        end = time.monotonic() + patience
+        while self._threads_alive() and time.monotonic() < end:
+            try:
+                self.done.set()
+                self.timer_changed.set()
+                for v in self.vcpus:
+                    if v.thread is not None and v.thread.is_alive():
+                        self._kick(v)
+                        v.thread.join(0.05)
+            except KeyboardInterrupt as e:
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
 
     def _main_loop(self, deadline: float | None) -> None:
         """The model's timers on real time: fire what is due, sleep until the next expiry."""
@@ -499,8 +533,14 @@ class Machine(ModelIrqchipMixin):
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
+        """Stop and join the vCPU threads, then unmap kvm_run pages and guest memory and close
+        every fd. Safe to call twice and after a failed construction."""
+        self._stop_threads()
+        if self._threads_alive():  # stuck (never seen): leave everything to process exit
+            return
         for v in self.vcpus:
-            v.close()
+            with contextlib.suppress(OSError, BufferError):
+                v.close()
         self.vcpus = []
         mem = getattr(self, "mem", None)
         if mem is not None:

@@ -11,6 +11,8 @@ address, 32-bit protected mode with paging off and flat 4 GiB code and data segm
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -68,6 +70,52 @@ class LoadedKernel:
         """The general registers at entry (Multiboot: EAX magic, EBX the MBI)."""
         return {"rip": self.entry, "rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": self.mbi,
                 "rflags": 2}
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_image(path: str, what: str, limit: int) -> bytes:
+    """The contents of the regular file *path* (a kernel or an initrd, *what* names it in
+    errors), at most *limit* bytes: a directory, a device, a FIFO or a socket is refused
+    before it is opened for reading (a FIFO would block, /dev/zero never ends), and so is a
+    file larger than *limit* (nothing bigger than the guest's RAM can be loaded)."""
+    def fail(msg: str) -> BootImageError:
+        return BootImageError(f"{what} {path}: {msg}")
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise fail(f"not a regular file ({_kind(st.st_mode)})")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)  # the file opened may not be the one looked at
+            if not stat.S_ISREG(st.st_mode):
+                raise fail(f"not a regular file ({_kind(st.st_mode)})")
+            if st.st_size > limit:
+                raise fail(f"{st.st_size} bytes, larger than the {limit >> 20} MiB that "
+                           "can be loaded")
+            chunks = []
+            size = 0
+            while True:
+                b = os.read(fd, min(1 << 20, limit + 1 - size))
+                if not b:
+                    break
+                chunks.append(b)
+                size += len(b)
+                if size > limit:
+                    raise fail(f"larger than the {limit >> 20} MiB that can be loaded")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise fail(e.strerror or str(e)) from None
+    return b"".join(chunks)
 
 
 def find_header(image: bytes) -> tuple[int, int]:
