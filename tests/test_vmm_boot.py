@@ -223,7 +223,7 @@ def test_pv_features_needing_kvms_lapic_are_hidden(tmp_path):
     """With the model as irqchip, CPUID 0x40000001 EAX hides KVM's PV features that need its
     in-kernel LAPIC (PV EOI bit 6, PV unhalt 7, PV send-IPI 11, PV sched_yield 13, async-PF
     interrupts 14); the kernel irqchip shows KVM_GET_SUPPORTED_CPUID's value."""
-    from apicv.kvm.vm import get_supported_cpuid
+    from apicv.kvm.sys import get_supported_cpuid
     from apicv.vmm.machine import KVM_PV_FEATURES_NEEDING_LAPIC
 
     code = _mov("eax", 0x40000001) + _mov("ecx", 0) + b"\x0F\xA2" + _out_latch() + _exit(0)

@@ -2,10 +2,15 @@
 
 ``apicv.Vm(..., backend="kvm")`` returns a :class:`KvmVm`. Host-side methods are the KVM ioctls;
 guest-side methods are carried out by a small long-mode guest agent (``guest/agent.S``,
-assembled with binutils on first use and cached). See :mod:`apicv.kvm.vm` for the guest memory
-layout and the host/guest protocol. Standard library only.
+assembled with binutils on first use and cached). Modules: :mod:`apicv.kvm.backend` (the VM and
+its clock), :mod:`apicv.kvm.vcpu` (the vCPU and the host/guest protocol),
+:mod:`apicv.kvm.agent` (guest memory layout, mailbox, KVM_RUN watchdog), :mod:`apicv.kvm.sys`
+(ioctl and CPUID plumbing, also used by :mod:`apicv.vmm`) and :mod:`apicv.kvm.uapi` (the ABI).
+Standard library only.
 """
 
-from .vm import KvmClock, KvmExitError, KvmVcpu, KvmVm, kvm_available
+from .backend import KvmClock, KvmVm
+from .sys import KvmExitError, kvm_available
+from .vcpu import KvmVcpu
 
 __all__ = ["KvmClock", "KvmExitError", "KvmVcpu", "KvmVm", "kvm_available"]

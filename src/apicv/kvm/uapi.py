@@ -344,6 +344,24 @@ KVM_RUN_X86_SMM = 1 << 0
 KVM_RUN_X86_BUS_LOCK = 1 << 1
 
 
+class kvm_guest_debug_arch(_Struct):
+    _fields_ = [("debugreg", u64 * 8)]
+
+
+class kvm_guest_debug(_Struct):
+    _fields_ = [("control", u32), ("pad", u32), ("arch", kvm_guest_debug_arch)]
+
+
+# struct kvm_guest_debug control (linux/kvm.h, asm/kvm.h)
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ = 0x00200000
+
+
 # ---------------------------------------------------------------- struct kvm_run
 class _kvm_run_hw(_Struct):
     _fields_ = [("hardware_exit_reason", u64)]
@@ -542,6 +560,7 @@ KVM_SET_VAPIC_ADDR = _IOW(KVMIO, 0x93, kvm_vapic_addr)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_NMI = _IO(KVMIO, 0x9A)
+KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, kvm_guest_debug)
 KVM_X86_SETUP_MCE = _IOW(KVMIO, 0x9C, u64)
 KVM_X86_GET_MCE_CAP_SUPPORTED = _IOR(KVMIO, 0x9d, u64)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from .. import apicdef as A
 from ..errors import BootError
 from ..kvm import uapi as K
-from ..kvm.vm import _ioctl, cpuid_maxphyaddr, enable_vm_cap
+from ..kvm.sys import cpuid_maxphyaddr, enable_vm_cap, ioctl
 from ..kvm_host import KVM_APIC_INIT, KVM_REQ_EVENT, KVM_REQ_NMI
 from ..uapi import (
     KVM_MP_STATE_HALTED,
@@ -78,7 +78,7 @@ class ModelIrqchipMixin:
     def _setup_user_msrs(self) -> None:
         """KVM_CAP_X86_USER_SPACE_MSR (filtered and failed accesses exit) and a filter denying
         IA32_APIC_BASE and IA32_TSC_DEADLINE."""
-        if _ioctl(self._kfd, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_USER_SPACE_MSR) <= 0:
+        if ioctl(self._kfd, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_USER_SPACE_MSR) <= 0:
             raise BootError("this KVM lacks KVM_CAP_X86_USER_SPACE_MSR: x2APIC MSRs cannot "
                             "reach a userspace irqchip")
         enable_vm_cap(self.vm_fd, K.KVM_CAP_X86_USER_SPACE_MSR,
@@ -92,7 +92,7 @@ class ModelIrqchipMixin:
             r = flt.ranges[i]
             r.flags, r.nmsrs, r.base = rw, n, base
             r.bitmap = ctypes.addressof(bm)
-        _ioctl(self.vm_fd, K.KVM_X86_SET_MSR_FILTER, flt)
+        ioctl(self.vm_fd, K.KVM_X86_SET_MSR_FILTER, flt)
 
     def _build_model(self, trace: bool, trace_limit: int) -> None:
         from ..vm import Vm

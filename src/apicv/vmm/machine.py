@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 from ..errors import ApicvError, BootError, KvmError
 from ..kvm import uapi as K
-from ..kvm.vm import (
-    _flat,
-    _ioctl,
-    _ioctl_raw,
+from ..kvm.sys import (
     enable_vm_cap,
+    flat_segment,
     get_supported_cpuid,
+    ioctl,
+    ioctl_raw,
     kvm_available,
     vcpu_cpuid,
 )
@@ -99,7 +99,7 @@ class _Vcpu:
         self.window_since = 0.0  # when request_interrupt_window was last set
 
     def ioctl(self, req: int, arg=0) -> int:
-        return _ioctl(self.fd, req, arg)
+        return ioctl(self.fd, req, arg)
 
     def set_msr(self, index: int, value: int) -> None:
         m = self.msrs
@@ -178,12 +178,12 @@ class Machine(ModelIrqchipMixin):
     # ------------------------------------------------------------------ building the VM
     def _build(self, image, kernel, append, rd, trace, trace_limit) -> None:
         kfd = self._kfd
-        self.run_size = _ioctl(kfd, K.KVM_GET_VCPU_MMAP_SIZE)
-        self.vm_fd = _ioctl(kfd, K.KVM_CREATE_VM, 0)
+        self.run_size = ioctl(kfd, K.KVM_GET_VCPU_MMAP_SIZE)
+        self.vm_fd = ioctl(kfd, K.KVM_CREATE_VM, 0)
         self._fds.append(self.vm_fd)
         # needed for real mode on VMX without unrestricted guest; harmless elsewhere
-        _ioctl_raw(self.vm_fd, K.KVM_SET_TSS_ADDR, TSS_ADDR)
-        _ioctl_raw(self.vm_fd, K.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(IDENTITY_MAP_ADDR))
+        ioctl_raw(self.vm_fd, K.KVM_SET_TSS_ADDR, TSS_ADDR)
+        ioctl_raw(self.vm_fd, K.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(IDENTITY_MAP_ADDR))
         self.mem = mmap.mmap(-1, self.ram_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
         probe = ctypes.c_char.from_buffer(self.mem)
@@ -191,17 +191,17 @@ class Machine(ModelIrqchipMixin):
         del probe
         region = K.kvm_userspace_memory_region(slot=0, flags=0, guest_phys_addr=0,
                                                memory_size=self.ram_size, userspace_addr=hva)
-        _ioctl(self.vm_fd, K.KVM_SET_USER_MEMORY_REGION, region)
+        ioctl(self.vm_fd, K.KVM_SET_USER_MEMORY_REGION, region)
         if self.irqchip == "kernel":
-            _ioctl(self.vm_fd, K.KVM_CREATE_IRQCHIP)
+            ioctl(self.vm_fd, K.KVM_CREATE_IRQCHIP)
             if self.x2apic_api:
                 enable_vm_cap(self.vm_fd, K.KVM_CAP_X2APIC_API, self.x2apic_api)
         else:
             self._setup_user_msrs()
-        self.tsc_khz = _ioctl(self.vm_fd, K.KVM_GET_TSC_KHZ)
+        self.tsc_khz = ioctl(self.vm_fd, K.KVM_GET_TSC_KHZ)
         self.supported_cpuid = get_supported_cpuid(kfd)
         for vid in range(self.smp):
-            fd = _ioctl(self.vm_fd, K.KVM_CREATE_VCPU, vid)
+            fd = ioctl(self.vm_fd, K.KVM_CREATE_VCPU, vid)
             try:
                 v = _Vcpu(self, vid, fd)  # closes fd with the vCPU from now on
             except BaseException:
@@ -222,7 +222,7 @@ class Machine(ModelIrqchipMixin):
 
     def _set_cpuid(self, v: _Vcpu) -> None:
         """KVM_SET_CPUID2: the supported CPUID with this vCPU's APIC ID and the x2APIC /
-        TSC-deadline bits asked for (kvm.vm.vcpu_cpuid), plus the logical-processor count
+        TSC-deadline bits asked for (kvm.sys.vcpu_cpuid), plus the logical-processor count
         (1:EBX[23:16], HTT), the APIC bit, and no PV features that need KVM's LAPIC when the
         model is the irqchip."""
         buf = vcpu_cpuid(self.supported_cpuid, v.vcpu_id, x2apic=self.x2apic,
@@ -244,9 +244,9 @@ class Machine(ModelIrqchipMixin):
         the MBI (KVM_GET_SREGS first so that apic_base and the rest keep KVM's values)."""
         s = K.kvm_sregs()
         v.ioctl(K.KVM_GET_SREGS, s)
-        _flat(s.cs, 0x10, type_=0xB, db=1, long=0)
+        flat_segment(s.cs, 0x10, type_=0xB, db=1, long=0)
         for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
-            _flat(seg, 0x18, type_=0x3, db=1, long=0)
+            flat_segment(seg, 0x18, type_=0x3, db=1, long=0)
         s.cr0 = K.X86_CR0_PE | K.X86_CR0_ET
         s.cr3 = s.cr4 = 0
         s.efer = 0
@@ -266,9 +266,9 @@ class Machine(ModelIrqchipMixin):
                 self.vm.set_irqchip(chip, bytes(st))
             else:
                 c = K.kvm_irqchip(chip_id=chip)
-                _ioctl(self.vm_fd, K.KVM_GET_IRQCHIP, c)
+                ioctl(self.vm_fd, K.KVM_GET_IRQCHIP, c)
                 c.chip.pic.imr = 0xFF
-                _ioctl(self.vm_fd, K.KVM_SET_IRQCHIP, c)
+                ioctl(self.vm_fd, K.KVM_SET_IRQCHIP, c)
 
     # ------------------------------------------------------------------ devices
     def _serial_out(self, data: bytes) -> None:
@@ -287,7 +287,7 @@ class Machine(ModelIrqchipMixin):
         if self.vm is not None:
             self.vm.irq_line(irq, level)  # under the lock (an exit handler)
         else:
-            _ioctl(self.vm_fd, K.KVM_IRQ_LINE, K.kvm_irq_level(irq=irq, level=level))
+            ioctl(self.vm_fd, K.KVM_IRQ_LINE, K.kvm_irq_level(irq=irq, level=level))
 
     # ------------------------------------------------------------------ stopping, kicks
     def _finish(self, result: BootResult) -> None:
@@ -344,7 +344,7 @@ class Machine(ModelIrqchipMixin):
         for v in self.vcpus:
             res.exits.update(v.exits)
             r = K.kvm_regs()
-            if _ioctl_raw(v.fd, K.KVM_GET_REGS, r)[0] == 0:
+            if ioctl_raw(v.fd, K.KVM_GET_REGS, r)[0] == 0:
                 res.rips[v.vcpu_id] = r.rip
                 if res.reason == "timeout" and self._insn_at(v, r.rip) in HYPERCALLS:
                     res.message += (f"; vCPU {v.vcpu_id} is stuck in a hypercall at "
@@ -360,10 +360,10 @@ class Machine(ModelIrqchipMixin):
     def _insn_at(self, v: _Vcpu, rip: int) -> bytes:
         """The 3 bytes at CS:RIP (KVM_TRANSLATE of the linear address), or b"" if not RAM."""
         s = K.kvm_sregs()
-        if _ioctl_raw(v.fd, K.KVM_GET_SREGS, s)[0] != 0:
+        if ioctl_raw(v.fd, K.KVM_GET_SREGS, s)[0] != 0:
             return b""
         t = K.kvm_translation(linear_address=(s.cs.base + rip) & ((1 << 64) - 1))
-        if _ioctl_raw(v.fd, K.KVM_TRANSLATE, t)[0] != 0 or not t.valid:
+        if ioctl_raw(v.fd, K.KVM_TRANSLATE, t)[0] != 0 or not t.valid:
             return b""
         gpa = t.physical_address
         if gpa + 3 > self.ram_size:
@@ -462,7 +462,7 @@ class Machine(ModelIrqchipMixin):
 
     def _kvm_run(self, v: _Vcpu) -> bool:
         """KVM_RUN; False if it was interrupted (EINTR/EAGAIN) rather than an exit."""
-        r, e = _ioctl_raw(v.fd, K.KVM_RUN)
+        r, e = ioctl_raw(v.fd, K.KVM_RUN)
         if r < 0:
             if e in (_errno.EINTR, _errno.EAGAIN):
                 return False
@@ -512,7 +512,7 @@ class Machine(ModelIrqchipMixin):
             elif reason == K.KVM_EXIT_FAIL_ENTRY:
                 detail = f" hardware reason {run.u.fail_entry.hardware_entry_failure_reason:#x}"
             r = K.kvm_regs()
-            _ioctl_raw(v.fd, K.KVM_GET_REGS, r)
+            ioctl_raw(v.fd, K.KVM_GET_REGS, r)
             name = K.EXIT_REASON_NAMES.get(reason, str(reason))
             self._finish(BootResult(status=STATUS_ERROR, reason="error",
                                     message=f"vCPU {v.vcpu_id}: {name}{detail} at RIP "

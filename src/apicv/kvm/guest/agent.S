@@ -1,5 +1,5 @@
 /*
- * apicv guest agent: the guest side of the real-KVM backend (src/apicv/kvm/vm.py).
+ * apicv guest agent: the guest side of the real-KVM backend (src/apicv/kvm/vcpu.py).
  *
  * Runs in 64-bit long mode, set up by the host with KVM_SET_SREGS/KVM_SET_REGS (identity map
  * of 0..4 GiB with 2 MiB pages, flat GDT, busy TSS, 256-entry IDT pointing at the stubs
@@ -10,7 +10,7 @@
  * irqchip a halted vCPU does not come back to userspace.
  *
  * Mailbox field offsets (MB_*), commands (CMD_*), ports (PORT_*) and sizes come from the host
- * as --defsym symbols, so apicv/kvm/vm.py is the only place that defines them.
+ * as --defsym symbols, so apicv/kvm/agent.py is the only place that defines them.
  *
  * Position independent (RIP-relative only): the host loads the flat binary anywhere and
  * finds the entry point, the IDT stubs, the SMM handler and the reset stub through the
