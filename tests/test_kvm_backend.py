@@ -13,8 +13,10 @@ import pytest
 
 import apicv
 from apicv import uapi as U
+from apicv.api import VcpuAPI, VmAPI, VmConfig
 from apicv.errors import GuestFault, KvmError, MmioExit, VcpuNotRunnable
 from apicv.kvm import KvmVcpu, KvmVm, kvm_available
+from apicv.kvm.sys import host_module_parameters
 
 _OK, _WHY = kvm_available()
 pytestmark = [
@@ -359,3 +361,104 @@ def test_close_releases_every_fd():
     with KvmVm(2):
         pass
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# the VmConfig fields whose None means "this host's value" on the real backend
+HOST_FIELDS = ("enable_apicv", "flexpriority", "vector_hashing", "min_timer_period_us",
+               "lapic_timer_advance", "tsc_khz", "maxphyaddr", "smm", "supported_mce_cap")
+
+
+def test_vm_and_vcpu_implement_the_declared_api(vm):
+    """KvmVm and KvmVcpu are apicv.api.VmAPI and VcpuAPI (the runtime-checkable protocols)."""
+    assert isinstance(vm, VmAPI)
+    assert all(isinstance(cpu, VcpuAPI) for cpu in vm.vcpus)
+    assert vm.backend == "kvm" and vm.trace is None
+
+
+def test_vmconfig_and_keyword_options_are_the_same_vm():
+    """KvmVm takes a VmConfig, or its fields as arguments; either way ``config`` is the
+    resolved config: every None replaced by this host's value (module parameters from sysfs,
+    KVM_GET_TSC_KHZ, CPUID 0x80000008, KVM_CAP_X86_SMM, KVM_X86_GET_MCE_CAP_SUPPORTED)."""
+    cfg = VmConfig(nr_vcpus=2, x2apic_api=U.KVM_X2APIC_API_USE_32BIT_IDS, mcg_cap=0)
+    with KvmVm(cfg) as a, KvmVm(2, U.KVM_X2APIC_API_USE_32BIT_IDS) as b:
+        assert a.config == b.config
+        assert [c.vcpu_id for c in a.vcpus] == [0, 1]
+        r = a.config
+        for name, value in host_module_parameters().items():
+            assert getattr(r, name) == value, name
+        assert (r.tsc_khz, r.maxphyaddr, r.smm, r.supported_mce_cap) == (
+            a.tsc_khz, a.maxphyaddr, a.smm, a.supported_mce_cap)
+        assert all(getattr(r, name) is not None for name in HOST_FIELDS)
+        assert r.replace(**dict.fromkeys(HOST_FIELDS)) == cfg
+        resolved = r
+    with KvmVm(resolved) as c:  # the host's own values are accepted
+        assert c.config == resolved
+    with KvmVm(cfg, vcpu_ids=(3, 5)) as d:  # options replace the config's fields
+        assert [c.vcpu_id for c in d.vcpus] == [3, 5]
+        assert d.config.vcpu_ids == (3, 5) and d.config.x2apic_api == cfg.x2apic_api
+
+
+def test_config_values_the_host_does_not_have():
+    """smm and supported_mce_cap, like the module parameters, are the host's: another value
+    is ValueError; an unknown option is TypeError; a malformed one ValueError (VmConfig)."""
+    with KvmVm(0) as v:
+        smm, mce = v.smm, v.supported_mce_cap
+    with pytest.raises(ValueError, match="smm"):
+        KvmVm(1, smm=not smm)
+    with pytest.raises(ValueError, match="supported_mce_cap"):
+        KvmVm(1, supported_mce_cap=mce ^ 1)
+    with pytest.raises(TypeError, match="no_such_option"):
+        KvmVm(1, no_such_option=1)
+    with pytest.raises(ValueError):
+        KvmVm(1, maxphyaddr=20)
+    with KvmVm(0, trace=True) as v:  # accepted; there is no tracing on this backend
+        assert v.trace is None and v.config.trace
+
+
+def test_unknown_vcpu_id_is_value_error(vm):
+    """vm.vcpu(id) for an id no vCPU has: ValueError naming the ids there are."""
+    assert vm.vcpu(1) is vm.vcpus[1]
+    with pytest.raises(ValueError, match=r"no vCPU with id 7 \(vCPU ids: 0, 1\)"):
+        vm.vcpu(7)
+
+
+def test_values_that_do_not_fit_the_uapi_raise_before_anything_changes(vm):
+    """A u32 field of struct kvm_msi / kvm_irq_level / kvm_msr_entry.index, or the u64 MSR
+    data, that the value does not fit: ValueError, and nothing is sent (no truncation)."""
+    cpu = vm.vcpus[0]
+    cpu.mmio_write(SPIV, 0x1FF)
+    for args in ((1 << 32 | 0xFEE00000, 0, 0x41), (0xFEE00000, 1 << 32, 0x41),
+                 (0xFEE00000, 0, 1 << 32 | 0x41), (0xFEE00000, 0, 0x41, -1),
+                 (0xFEE00000, 0, 0x41, 0, 1 << 32), (-1, 0, 0x41)):
+        with pytest.raises(ValueError):
+            vm.signal_msi(*args)
+    assert vectors(cpu.get_lapic(), 0x200) == []  # a truncated MSI would have set IRR 0x41
+    for level in (1 << 32, -1):
+        with pytest.raises(ValueError):
+            vm.irq_line(0, level)
+    base = cpu.get_msr(APICBASE)
+    for index in (1 << 32 | APICBASE, -1):
+        with pytest.raises(ValueError):
+            cpu.get_msr(index)
+        with pytest.raises(ValueError):
+            cpu.set_msr(index, base)
+    for value in (1 << 64, -1):
+        with pytest.raises(ValueError):
+            cpu.set_msr(APICBASE, value)
+    assert cpu.get_msr(APICBASE) == base
+
+
+def test_set_guest_debug_blockirq_holds_interrupts(vm):
+    """KVM_SET_GUEST_DEBUG with KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_BLOCKIRQ: KVM injects no
+    interrupt (it stays in IRR); clearing the control lets it in."""
+    cpu = vm.vcpus[0]
+    cpu.mmio_write(SPIV, 0x1FF)
+    cpu.set_guest_debug(enable=True, blockirq=True)
+    assert vm.signal_msi(0xFEE00000, 0, 0x41) == 1
+    assert cpu.take_interrupts() == []
+    assert vectors(cpu.get_lapic(), 0x200) == [0x41]
+    cpu.set_guest_debug()
+    assert cpu.take_interrupts() == [0x41]
+    cpu.set_guest_debug(enable=True)  # ENABLE alone changes nothing the agent sees
+    assert vm.signal_msi(0xFEE00000, 0, 0x42) == 1
+    assert cpu.take_interrupts() == [0x42]

@@ -359,7 +359,7 @@ KVM_GUESTDBG_USE_SW_BP = 0x00010000
 KVM_GUESTDBG_USE_HW_BP = 0x00020000
 KVM_GUESTDBG_INJECT_DB = 0x00040000
 KVM_GUESTDBG_INJECT_BP = 0x00080000
-KVM_GUESTDBG_BLOCKIRQ = 0x00200000
+KVM_GUESTDBG_BLOCKIRQ = 0x00100000  # arch/x86/include/uapi/asm/kvm.h: 1 << 20
 
 
 # ---------------------------------------------------------------- struct kvm_run
