@@ -2,7 +2,7 @@
 implements it (arch/x86/kvm/lapic.c and friends).
 
     import apicv
-    vm = apicv.Vm(nr_vcpus=2)
+    vm = apicv.Vm(nr_vcpus=2)                   # or apicv.Vm(apicv.VmConfig(...), backend="kvm")
     cpu = vm.vcpus[0]
     cpu.mmio_write(0xF0, 0x1FF)                 # guest: software-enable the APIC
     vm.signal_msi(0xFEE00000, 0, 0x41)          # KVM_SIGNAL_MSI, vector 0x41 to APIC 0
@@ -11,6 +11,9 @@ implements it (arch/x86/kvm/lapic.c and friends).
 The core imports with the standard library alone.
 """
 
+from . import state
+from .api import VcpuAPI, VmAPI, VmConfig
+from .backends import Vm
 from .errors import (
     ApicvError,
     GuestFault,
@@ -25,7 +28,7 @@ from .errors import (
 from .kvm_host import ApicvInhibit
 from .uapi import *  # noqa: F403  (KVM_MP_STATE_*, KVM_X2APIC_API_*, KVM_CAP_*, quirks)
 from .vcpu import Vcpu
-from .vm import Vm
+from .vm import Vm as ModelVm
 
 __version__ = "0.1.0"
 
@@ -37,9 +40,14 @@ __all__ = [
     "KvmError",
     "MmioExit",
     "MsrRejected",
+    "ModelVm",
     "ScenarioError",
     "StateError",
     "Vcpu",
+    "VcpuAPI",
     "VcpuNotRunnable",
     "Vm",
+    "VmAPI",
+    "VmConfig",
+    "state",
 ]
