@@ -32,13 +32,13 @@ from .uapi import (
     KVM_MP_STATE_HALTED,
     KVM_MP_STATE_RUNNABLE,
     KVM_X86_QUIRK_LAPIC_MMIO_HOLE,
+    PIC_PORTS,
 )
 
 if TYPE_CHECKING:
     from .vmx.vmx import VmxVcpu
 
 NMI_VECTOR = 2
-PIC_PORTS = frozenset((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1))
 _U64 = (1 << 64) - 1
 _MAX_ROUNDS = 100_000
 
@@ -160,18 +160,17 @@ class GuestMixin:
         """KVM_RUN, and the guest idles in guest mode with RFLAGS.IF = *interrupts* until the
         next operation on this vCPU takes it out. Interrupts sent meanwhile are delivered as
         they arrive."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             self._begin_run()
             self.rflags_if = interrupts
             self._idle()
             self._location = "guest"
-        self.vm._service_kicks()
 
     def halt(self, interrupts: bool = True) -> None:
         """KVM_RUN; the guest executes [STI;] HLT. KVM blocks the vCPU (mp_state HALTED) unless
         an event wakes it at once; a wake-up delivers the interrupt and leaves the vCPU in
         guest mode."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             self._begin_run()
             # STI blocks interrupts for one instruction: the HLT, which exits (HLT exiting)
             self.rflags_if = interrupts
@@ -182,12 +181,11 @@ class GuestMixin:
                 self.vmx.hlt_irq_blocked = not interrupts
             else:
                 self._vm_exit("HLT")
-            self._set_mp_state(KVM_MP_STATE_HALTED)  # __kvm_emulate_halt
-            self._exit_in_kernel()
+            self.kvm_set_mp_state(KVM_MP_STATE_HALTED)  # __kvm_emulate_halt
+            self.exit_in_kernel()
             self._location = "halted"
             self.arch.blocked = True
             self._wake_if_events()
-        self.vm._service_kicks()
 
     def leave_guest(self) -> None:
         """The VMM takes the vCPU out of KVM_RUN (a signal; KVM_RUN returns EINTR)."""
@@ -211,14 +209,13 @@ class GuestMixin:
         """One KVM_RUN whose guest does *work* and then exits to userspace. (The vCPU
         context takes a vCPU resting in guest mode or HLT out of its KVM_RUN first.)"""
         arch = self.arch
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             try:
                 self._begin_run()
                 work()
             finally:
                 self._vm_exit(None)  # the agent's OUT
                 arch.wants_to_run = False
-        self.vm._service_kicks()
 
     def _begin_run(self) -> None:
         """KVM_RUN up to the guest's next instruction: block while HALTED, enter; a guest woken
@@ -241,9 +238,9 @@ class GuestMixin:
     def _sync_from_vapic(self) -> None:
         """vcpu_enter_guest() after every VM exit (and a cancelled entry), with
         apic_attention set: kvm_lapic_sync_from_vapic (PV-EOI check, VAPIC TPR)."""
-        self._route(self.apic.kvm_lapic_sync_from_vapic(self.vm.mem))
+        self.route(self.apic.kvm_lapic_sync_from_vapic(self.vm.mem))
 
-    def _exit_in_kernel(self) -> None:
+    def exit_in_kernel(self) -> None:
         """vcpu_run after an exit handled in the kernel: KVM_REQ_UNBLOCK is cleared and a
         pending timer expiry is injected."""
         clock = self.vm.clock
@@ -252,7 +249,7 @@ class GuestMixin:
         self.arch.requests &= ~KVM_REQ_UNBLOCK
         if self.apic.apic_has_pending_timer():
             self.apic.kvm_inject_apic_timer_irqs()
-        self.vm._after_lapic_change()
+        self.vm.settle()
 
     def _enter(self) -> None:
         """One VM entry and what the guest does right after it: the handler of an event KVM
@@ -271,7 +268,7 @@ class GuestMixin:
                     arch.requests |= KVM_REQ_EVENT
                 if arch.apic_attention:
                     self._sync_from_vapic()  # cancel_injection
-                self._exit_in_kernel()
+                self.exit_in_kernel()
                 continue
             break
         else:
@@ -288,13 +285,13 @@ class GuestMixin:
             self._enter()
             if self.arch.mp_state != KVM_MP_STATE_RUNNABLE or not self._window_exit():
                 return
-            self._exit_in_kernel()
+            self.exit_in_kernel()
         raise RuntimeError("event injection did not settle")
 
     def _reenter(self, reason: str) -> None:
         """A VM exit handled in the kernel, then back into the guest."""
         self._vm_exit(reason)
-        self._exit_in_kernel()
+        self.exit_in_kernel()
         self._entry()
 
     def _window_exit(self) -> bool:
@@ -384,14 +381,14 @@ class GuestMixin:
             before = len(self.taken)
             self._settle()
             if self.rflags_if and self._window_exit():
-                self._exit_in_kernel()
+                self.exit_in_kernel()
                 self._entry()
             if len(self.taken) == before:
                 return
         raise RuntimeError("the guest did not settle")
 
     # ------------------------------------------------------------------ kicks and wake-ups
-    def _service(self) -> None:
+    def service_kick(self) -> None:
         """Something was sent to this vCPU while it rests in guest mode or in HLT."""
         arch = self.arch
         vmx = self.vmx
@@ -413,16 +410,16 @@ class GuestMixin:
         if not self.kvm_vcpu_has_events():
             if self.apic.apic_has_pending_timer():
                 self.apic.kvm_inject_apic_timer_irqs()
-                self.vm._after_lapic_change()
+                self.vm.settle()
             if not self.kvm_vcpu_has_events():
                 return
         self.arch.blocked = False
         self.kvm_apic_accept_events()
         if self.arch.mp_state == KVM_MP_STATE_HALTED:
             self.arch.pv_unhalted = False
-            self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+            self.kvm_set_mp_state(KVM_MP_STATE_RUNNABLE)
         self._location = "guest"
-        self._exit_in_kernel()  # vcpu_run()'s tail after vcpu_block(): a pending timer
+        self.exit_in_kernel()  # vcpu_run()'s tail after vcpu_block(): a pending timer
         self._entry()
         self._idle()
 
@@ -469,20 +466,14 @@ class GuestMixin:
     def _pio(self, port: int, value: int | None) -> int:
         """IN/OUT on a PIC port: an I/O-instruction exit the in-kernel PIC handles."""
         vm = self.vm
-        pic = vm.pic
 
         def emulate() -> int:
-            if pic is None:
+            if vm.pic is None:
                 raise IoExit(port, 1, value is not None)  # no in-kernel PIC: userspace
             if value is None:
-                out = pic.picdev_read(port)
-            else:
-                # kvm_pic_reset() (ICW1) asks whether any vCPU accepts PIC interrupts
-                pic.accept_pic_intr = any(v.apic.kvm_apic_accept_pic_intr() for v in vm.vcpus)
-                pic.picdev_write(port, value)
-                out = 0
-            vm._pic_unlock()
-            return out
+                return vm.picdev_read(port)
+            vm.picdev_write(port, value)
+            return 0
 
         return self._reenter_after(emulate, "TDCALL" if self.td else "IO_INSTRUCTION")
 
@@ -519,7 +510,7 @@ class GuestMixin:
             # the model says 0 and flags it
             self.last_read_undefined = out is None
             return 0 if out is None else out
-        self._reenter_after(lambda: self._route(apic.apic_mmio_write_reg(offset, size, value)),
+        self._reenter_after(lambda: self.route(apic.apic_mmio_write_reg(offset, size, value)),
                             reason)
         return 0
 
@@ -527,7 +518,7 @@ class GuestMixin:
         """A VM exit whose handler (*emulate*) KVM runs before entering again."""
         self._vm_exit(reason)
         out = emulate()
-        self._exit_in_kernel()
+        self.exit_in_kernel()
         self._entry()
         return out
 
@@ -549,7 +540,7 @@ class GuestMixin:
             apic.r[A.APIC_ICR2 >> 2] &= 0xFF000000  # clear bytes 2:0 of VICR_HI; no exit
         else:
             # trap-like APIC-write VM exit: KVM replays the value now in the page
-            self._reenter_after(lambda: self._route(apic.kvm_apic_write_nodecode(offset & 0xFF0)),
+            self._reenter_after(lambda: self.route(apic.kvm_apic_write_nodecode(offset & 0xFF0)),
                                 "APIC_WRITE")
 
     @staticmethod
@@ -568,7 +559,7 @@ class GuestMixin:
         vector = self.vmx.eoi_virtualization()
         if vector is not None:
             # trap-like EOI-induced exit: kvm_apic_set_eoi_accelerated()
-            self._reenter_after(lambda: self._route(self.apic.kvm_apic_set_eoi_accelerated(vector)),
+            self._reenter_after(lambda: self.route(self.apic.kvm_apic_set_eoi_accelerated(vector)),
                                 "EOI_INDUCED")
         self._settle()
 
@@ -578,7 +569,7 @@ class GuestMixin:
             if vmx.apicv:
                 return vmx.read_page64((index & 0xFF) << 4)
             return vmx.read_page64(A.APIC_TASKPRI)
-        v = self._reenter_after(lambda: self._read_msr(index, host=False),
+        v = self._reenter_after(lambda: self.kvm_get_msr_common(index, host=False),
                                 "TDCALL" if self.td else "MSR_READ")
         if v is None:
             raise GuestFault(13, f"RDMSR {index:#x}")
@@ -606,10 +597,10 @@ class GuestMixin:
                 self._settle()
             else:
                 self._reenter_after(
-                    lambda: self._route(self.apic.kvm_apic_write_nodecode(A.APIC_SELF_IPI)),
+                    lambda: self.route(self.apic.kvm_apic_write_nodecode(A.APIC_SELF_IPI)),
                     "APIC_WRITE")
             return
-        ok = self._reenter_after(lambda: self._write_msr(index, value, host=False),
+        ok = self._reenter_after(lambda: self.kvm_set_msr_common(index, value, host=False),
                                  "TDCALL" if self.td else "MSR_WRITE")
         if not ok:
             raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x}")
@@ -628,7 +619,7 @@ class GuestMixin:
         self._reenter_after(lambda: apic.kvm_lapic_set_tpr(value), "CR_ACCESS")
         return 0
 
-    def _route(self, eff) -> None:
+    def route(self, eff) -> None:
         """Carry out what a LAPIC write asked for."""
         if eff is None or eff is REJECTED:
             return

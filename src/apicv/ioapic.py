@@ -8,15 +8,17 @@ re-service is deferred 10 ms); RTC (GSI 8) EOI tracking for coalescing reports; 
 lazy EOI update for edge pins while APICv is activated; the EOI-exit scan
 (``kvm_ioapic_scan_entry``); and ``struct kvm_ioapic_state`` for KVM_GET/SET_IRQCHIP.
 
-The IOAPIC is a VM-level device: it delivers through the VM's router (as KVM calls
-``kvm_irq_delivery_to_apic``), asks the VM for IOAPIC-scan requests, and reads the LAPICs it
-must match. It never touches a vCPU's requests or kicks directly.
+The IOAPIC is a VM-level device that sees the VM only through its narrow port
+(:class:`apicv.vm.DevicePort`, or any object with the same attributes -- tests use a fake):
+``deliver`` (``kvm_irq_delivery_to_apic``), ``dest_vcpus`` (``kvm_bitmap_or_dest_vcpus``),
+``scan_ioapic`` (``kvm_make_scan_ioapic_request(_mask)``), ``apicv_activated``, ``clock`` (now,
+the delayed-EOI timer), ``kvm`` (VM-wide settings for destination matching) and ``vcpus`` (the
+LAPICs it must match). It never touches a vCPU's requests or kicks directly.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
 from . import apicdef as A
 from .apic_map import kvm_apic_match_dest
@@ -25,9 +27,6 @@ from .uapi import (
     KVM_IOAPIC_NUM_PINS,
     KVM_IOAPIC_STATE_SIZE,
 )
-
-if TYPE_CHECKING:
-    from .vm import Vm
 
 IOAPIC_NUM_PINS = KVM_IOAPIC_NUM_PINS
 IOAPIC_VERSION_ID = 0x11
@@ -99,8 +98,8 @@ class RtcStatus:
 class KvmIoapic:
     """struct kvm_ioapic and the functions of ioapic.c that operate on it."""
 
-    def __init__(self, vm: Vm) -> None:
-        self.vm = vm
+    def __init__(self, port) -> None:
+        self.port = port
         self.base_address = KVM_IOAPIC_DEFAULT_BASE_ADDRESS
         self.ioregsel = 0
         self.id = 0
@@ -111,7 +110,7 @@ class KvmIoapic:
         self.irr_delivered = 0
         self.irq_eoi = [0] * IOAPIC_NUM_PINS
         self.rtc_status = RtcStatus()
-        self.eoi_inject = vm.clock.timer(self._eoi_inject_fired)
+        self.eoi_inject = port.clock.timer(self._eoi_inject_fired)
         self.trace = None
         self.kvm_ioapic_reset()
 
@@ -143,7 +142,7 @@ class KvmIoapic:
         self.redirtbl = list(rtes)
         self.irr = 0
         self.irr_delivered = 0
-        self.vm.kvm_make_scan_ioapic_request()
+        self.port.scan_ioapic()
         self.kvm_ioapic_inject_all(irr)
 
     def kvm_ioapic_inject_all(self, irr: int) -> None:
@@ -165,7 +164,7 @@ class KvmIoapic:
     def __rtc_irq_eoi_tracking_restore_one(self, vcpu) -> None:
         e = self.redirtbl[RTC_GSI]
         apic = vcpu.apic
-        if not kvm_apic_match_dest(self.vm.kvm, apic, None, A.APIC_DEST_NOSHORT,
+        if not kvm_apic_match_dest(self.port.kvm, apic, None, A.APIC_DEST_NOSHORT,
                                    (e >> RTE_DEST_SHIFT) & 0xFF,
                                    kvm_lapic_irq_dest_mode(bool(e & RTE_DEST_MODE))):
             return
@@ -189,7 +188,7 @@ class KvmIoapic:
 
     def kvm_rtc_eoi_tracking_restore_all(self) -> None:
         self.rtc_irq_eoi_tracking_reset()
-        for vcpu in self.vm.vcpus:
+        for vcpu in self.port.vcpus:
             self.__rtc_irq_eoi_tracking_restore_one(vcpu)
 
     def rtc_irq_eoi(self, vcpu, vector: int) -> None:
@@ -208,8 +207,8 @@ class KvmIoapic:
         passes the raw dest_mode bit here (a logical destination still matches logically)."""
         e = self.redirtbl[irq]
         vector = e & RTE_VECTOR
-        kvm = self.vm.kvm
-        for vcpu in self.vm.vcpus:
+        kvm = self.port.kvm
+        for vcpu in self.port.vcpus:
             if (not kvm_apic_match_dest(kvm, vcpu.apic, None, A.APIC_DEST_NOSHORT,
                                         (e >> RTE_DEST_SHIFT) & 0xFF, (e >> 11) & 1)
                     or vcpu.apic.kvm_apic_pending_eoi(vector)):
@@ -243,7 +242,7 @@ class KvmIoapic:
             self.irr &= ~mask
             ret = 1
         else:
-            if edge and self.vm.kvm_apicv_activated():
+            if edge and self.port.apicv_activated():
                 self.ioapic_lazy_update_eoi(irq)
             if irq == RTC_GSI and line_status and self.rtc_irq_check_coalesced():
                 ret = 0
@@ -270,15 +269,14 @@ class KvmIoapic:
             return -1
         if not level_trig:
             self.irr_delivered |= 1 << irq
-        router = self.vm.router
         args = (None, ((e >> RTE_DELIVERY_MODE_SHIFT) & 7) << 8, e & RTE_VECTOR,
                 (e >> RTE_DEST_SHIFT) & 0xFF, kvm_lapic_irq_dest_mode(bool(e & RTE_DEST_MODE)),
                 1, int(level_trig), 0, 0)
         if irq == RTC_GSI and line_status:
-            ret = router.kvm_irq_delivery_to_apic(*args, dest_map=self.rtc_status.dest_map)
+            ret = self.port.deliver(*args, dest_map=self.rtc_status.dest_map)
             self.rtc_status.pending_eoi = max(ret, 0)
         else:
-            ret = router.kvm_irq_delivery_to_apic(*args)
+            ret = self.port.deliver(*args)
         if ret and level_trig:
             self.redirtbl[irq] = e | RTE_REMOTE_IRR
         return ret
@@ -304,7 +302,7 @@ class KvmIoapic:
                 # an interrupt storm: real hardware does not re-deliver during the EOI
                 # broadcast; let the guest make slow progress
                 if not self.eoi_inject.active:
-                    self.eoi_inject.start(self.vm.clock.now + EOI_INJECT_DELAY_NS)
+                    self.eoi_inject.start(self.port.clock.now + EOI_INJECT_DELAY_NS)
                 self.irq_eoi[pin] = 0
                 tr = self.trace
                 if tr is not None:
@@ -334,7 +332,7 @@ class KvmIoapic:
         if vid in dmap:
             handled |= 1 << dmap[vid]
         apic = vcpu.apic
-        kvm = self.vm.kvm
+        kvm = self.port.kvm
         for index, e in enumerate(self.redirtbl):
             if e & RTE_TRIG_MODE or index == RTC_GSI:
                 vector = e & RTE_VECTOR
@@ -415,16 +413,15 @@ class KvmIoapic:
             self.ioapic_service(index, False)
         e = self.redirtbl[index]
         if (e >> RTE_DELIVERY_MODE_SHIFT) & 7 == A.APIC_DM_FIXED >> 8:
-            router = self.vm.router
             dest_mode = kvm_lapic_irq_dest_mode(bool(e & RTE_DEST_MODE))
             vector = e & RTE_VECTOR
-            idxs = router.kvm_bitmap_or_dest_vcpus(A.APIC_DM_FIXED, vector,
+            idxs = self.port.dest_vcpus(A.APIC_DM_FIXED, vector,
                                                    (e >> RTE_DEST_SHIFT) & 0xFF, dest_mode)
             old_dest_id = (old >> RTE_DEST_SHIFT) & 0xFF
             if (old ^ e) & RTE_DEST_MODE or old_dest_id != (e >> RTE_DEST_SHIFT) & 0xFF:
                 # the vCPUs of the previous destination too (KVM uses the new dest_mode)
-                idxs |= router.kvm_bitmap_or_dest_vcpus(A.APIC_DM_FIXED, vector, old_dest_id,
+                idxs |= self.port.dest_vcpus(A.APIC_DM_FIXED, vector, old_dest_id,
                                                         dest_mode)
-            self.vm.kvm_make_scan_ioapic_request(idxs)
+            self.port.scan_ioapic(idxs)
         else:
-            self.vm.kvm_make_scan_ioapic_request()
+            self.port.scan_ioapic()

@@ -2,6 +2,8 @@
 arch/x86/kvm/lapic.h: vCPU requests, INIT/SIPI pending-event bits, APIC-attention bits, APICv
 inhibit reasons and the optimized-map logical modes."""
 
+from __future__ import annotations
+
 from enum import IntEnum
 
 # --- vcpu->requests (KVM_REQ_*): bit numbers are the model's own; names are KVM's ---
@@ -59,6 +61,20 @@ class ApicvInhibit(IntEnum):
     SEV = 10
     LOGICAL_ID_ALIASED = 11
     PHYSICAL_ID_TOO_BIG = 12
+
+    @classmethod
+    def parse(cls, reason: object) -> ApicvInhibit:
+        """A reason by name (with or without the APICV_INHIBIT_REASON_ prefix, any case) or
+        number; ValueError naming the known reasons otherwise."""
+        if isinstance(reason, str):
+            key = reason.strip().upper().removeprefix("APICV_INHIBIT_REASON_")
+            if key in cls.__members__:
+                return cls[key]
+        elif isinstance(reason, int) and not isinstance(reason, bool) and any(
+                reason == m for m in cls):
+            return cls(reason)
+        raise ValueError(f"unknown APICv inhibit reason {reason!r} (known: "
+                         f"{', '.join(cls.__members__)})")
 
 
 # vmx/main.c VMX_REQUIRED_APICV_INHIBITS: reasons VMX honours (others are ignored, untraced)

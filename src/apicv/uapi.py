@@ -101,6 +101,8 @@ KVM_IOAPIC_NUM_PINS = 24
 KVM_IOAPIC_STATE_SIZE = 8 + 4 + 4 + 4 + 4 + 8 * KVM_IOAPIC_NUM_PINS  # struct kvm_ioapic_state
 KVM_IOAPIC_DEFAULT_BASE_ADDRESS = 0xFEC00000
 KVM_USERSPACE_IRQ_SOURCE_ID = 0
+# the in-kernel PIC's ports on KVM_PIO_BUS (kvm_pic_init): master, slave, ELCR
+PIC_PORTS = frozenset((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1))
 
 # KVM paravirtual MSRs and flags (arch/x86/include/uapi/asm/kvm_para.h)
 MSR_KVM_PV_EOI_EN = 0x4B564D04

@@ -8,6 +8,7 @@ This is the x86.c half of the picture (``kvm_vcpu_reset``, ``kvm_apic_accept_eve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import apicdef as A
@@ -66,6 +67,31 @@ KVM_MCE_CAP_SUPPORTED = MCG_CTL_P | MCG_SER_P | MCG_CMCI_P | MCG_LMCE_P
 _U64 = (1 << 64) - 1
 # bound on event-injection rounds in one guest operation (each round injects one event)
 _MAX_ROUNDS = 100_000
+# the reset vector a BSP starts at after INIT: CS selector 0xF000, base 0xFFFF0000, RIP 0xFFF0
+RESET_VECTOR = (0xF000, 0xFFFF0000, 0xFFF0)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What ``vcpu_run`` / ``vcpu_enter_guest`` decided before a VM entry, for a VMM whose KVM
+    has no in-kernel LAPIC (the model is the irqchip): :meth:`Vcpu.prepare_entry`."""
+
+    runnable: bool  # False: the vCPU blocks (vcpu_block) until a kick
+    reset: tuple[int, int, int] | None = None  # (CS selector, CS base, RIP): INIT or SIPI state
+    nmis: int = 0  # NMIs to inject with KVM_NMI (KVM keeps NMI blocking and windows itself)
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """The interrupt half of ``kvm_check_and_inject_events`` (:meth:`Vcpu.inject_interrupt`):
+    the vector to inject with KVM_INTERRUPT (-1: none), acknowledged (IRR -> ISR) already, and
+    whether more is pending, so that the VMM asks for an interrupt window."""
+
+    vector: int = -1
+    window: bool = False
+
+
+NO_INJECTION = Injection()
 
 
 class Vcpu(GuestMixin):
@@ -127,7 +153,7 @@ class Vcpu(GuestMixin):
         self.rflags_if = False  # RFLAGS = X86_EFLAGS_FIXED
         self.irq_window_requested = False
         self.nmi_window_requested = False
-        self.vm._after_lapic_change()
+        self.vm.settle()
 
     def kvm_vcpu_is_bsp(self) -> bool:
         return bool(self.arch.apic_base & A.MSR_IA32_APICBASE_BSP)
@@ -142,10 +168,10 @@ class Vcpu(GuestMixin):
         bit for the reset BSP, RUNNABLE; the first vcpu_load clears PID.SN."""
         base = (A.APIC_DEFAULT_PHYS_BASE | A.MSR_IA32_APICBASE_ENABLE | A.X2APIC_ENABLE
                 | (A.MSR_IA32_APICBASE_BSP if self.vcpu_id == self.vm.kvm.bsp_vcpu_id else 0))
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             if self.apic.kvm_apic_set_base(base, True):
                 raise KvmError(EINVAL, "KVM_TDX_INIT_VCPU", "cannot set the x2APIC base")
-            self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+            self.kvm_set_mp_state(KVM_MP_STATE_RUNNABLE)
             self.vmx.pi_desc.sn = False
 
     def kvm_apic_accept_events(self) -> int:
@@ -159,7 +185,7 @@ class Vcpu(GuestMixin):
         if apic.pending_events & (1 << KVM_APIC_INIT):
             apic.pending_events &= ~(1 << KVM_APIC_INIT)
             self.kvm_vcpu_reset(True)
-            self._set_mp_state(KVM_MP_STATE_RUNNABLE if self.kvm_vcpu_is_bsp()
+            self.kvm_set_mp_state(KVM_MP_STATE_RUNNABLE if self.kvm_vcpu_is_bsp()
                                else KVM_MP_STATE_INIT_RECEIVED)
         if apic.pending_events & (1 << KVM_APIC_SIPI):
             apic.pending_events &= ~(1 << KVM_APIC_SIPI)
@@ -167,11 +193,11 @@ class Vcpu(GuestMixin):
                 vec = apic.sipi_vector
                 # kvm_vcpu_deliver_sipi_vector(): CS.selector = vec << 8, CS.base = vec << 12
                 self.sipi = (vec << 8, vec << 12, 0)
-                self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+                self.kvm_set_mp_state(KVM_MP_STATE_RUNNABLE)
         return 0
 
-    def _set_mp_state(self, state: int) -> None:
-        """kvm_set_mp_state(): RUNNABLE also clears pv_unhalted."""
+    def kvm_set_mp_state(self, state: int) -> None:
+        """kvmkvm_set_mp_state(): RUNNABLE also clears pv_unhalted."""
         self.arch.mp_state = state
         if state == KVM_MP_STATE_RUNNABLE:
             self.arch.pv_unhalted = False
@@ -182,7 +208,7 @@ class Vcpu(GuestMixin):
     # ------------------------------------------------------------------ host: vCPU ioctls
     def get_lapic(self) -> bytes:
         """KVM_GET_LAPIC: the 1024-byte register page (kvm_apic_get_state)."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             if self.apic.guest_apic_protected:
                 raise KvmError(EINVAL, "KVM_GET_LAPIC", "the APIC state is protected")
             self.apic.ops.sync_pir_to_irr(self.apic)
@@ -205,11 +231,11 @@ class Vcpu(GuestMixin):
         page = bytes(page)
         if len(page) != KVM_APIC_REG_SIZE:
             raise ValueError(f"a kvm_lapic_state is {KVM_APIC_REG_SIZE} bytes, got {len(page)}")
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             if self.apic.guest_apic_protected:
                 raise KvmError(EINVAL, "KVM_SET_LAPIC", "the APIC state is protected")
             r = self.apic.kvm_apic_set_state(page)
-            self.vm._after_lapic_change()
+            self.vm.settle()
             if r:
                 raise KvmError(-r, "KVM_SET_LAPIC",
                                "x2APIC ID in the state does not match the vCPU ID "
@@ -223,14 +249,14 @@ class Vcpu(GuestMixin):
         VAPIC syncing off); KvmError(EINVAL) if the word is not in guest RAM."""
         if not 0 <= gpa <= _U64:
             raise ValueError(f"VAPIC address {gpa:#x} does not fit in 64 bits")
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             r = self.apic.kvm_lapic_set_vapic_addr(gpa, in_memslot(gpa, 4))
             if r:
                 raise KvmError(-r, "KVM_SET_VAPIC_ADDR", f"{gpa:#x} is not in a memslot")
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: runs kvm_apic_accept_events first."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             self.kvm_apic_accept_events()
             st = self.arch.mp_state
             if st in (KVM_MP_STATE_HALTED, KVM_MP_STATE_AP_RESET_HOLD) and self.arch.pv_unhalted:
@@ -239,23 +265,23 @@ class Vcpu(GuestMixin):
 
     def set_mp_state(self, state: int) -> None:
         """KVM_SET_MP_STATE."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             if state not in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_HALTED,
                              KVM_MP_STATE_AP_RESET_HOLD, KVM_MP_STATE_INIT_RECEIVED,
                              KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_RUNNABLE):
                 raise KvmError(EINVAL, "KVM_SET_MP_STATE", f"mp_state {state} not valid on x86")
             # (6.18: no INIT/SIPI-blocked check here any more; KVM_RUN refuses instead)
             if state == KVM_MP_STATE_SIPI_RECEIVED:
-                self._set_mp_state(KVM_MP_STATE_INIT_RECEIVED)
+                self.kvm_set_mp_state(KVM_MP_STATE_INIT_RECEIVED)
                 self.apic.pending_events |= 1 << KVM_APIC_SIPI
             else:
-                self._set_mp_state(state)
+                self.kvm_set_mp_state(state)
             self.arch.requests |= KVM_REQ_EVENT
 
     def get_msr(self, index: int) -> int:
         """KVM_GET_MSRS for one MSR (host-initiated). MsrRejected where KVM processes 0."""
-        with self.vm._vcpu_context(self):
-            v = self._read_msr(index, host=True)
+        with self.vm.vcpu_ioctl(self):
+            v = self.kvm_get_msr_common(index, host=True)
             if v is None:
                 raise MsrRejected("KVM_GET_MSRS", index)
             return v
@@ -264,14 +290,14 @@ class Vcpu(GuestMixin):
         """KVM_SET_MSRS for one MSR (host-initiated): True if KVM set it (returned 1)."""
         if not 0 <= value <= _U64:
             raise ValueError(f"MSR value {value:#x} does not fit in 64 bits")
-        with self.vm._vcpu_context(self):
-            ok = self._write_msr(index, value, host=True)
-            self.vm._after_lapic_change()
+        with self.vm.vcpu_ioctl(self):
+            ok = self.kvm_set_msr_common(index, value, host=True)
+            self.vm.settle()
             return ok
 
     def nmi(self) -> None:
         """KVM_NMI: kvm_inject_nmi()."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             self.arch.nmi_queued += 1
             self.arch.requests |= KVM_REQ_NMI
 
@@ -281,13 +307,13 @@ class Vcpu(GuestMixin):
         supported = self.vm.supported_mce_cap | MCG_BANKCNT_MASK
         if not bank_num or bank_num > KVM_MAX_MCE_BANKS or mcg_cap & ~supported:
             raise KvmError(EINVAL, "KVM_X86_SETUP_MCE", f"mcg_cap {mcg_cap:#x} not supported")
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             self.arch.mcg_cap = mcg_cap
             self.apic.kvm_apic_after_set_mcg_cap()
 
     def set_cpuid(self, *, x2apic: bool = True, tsc_deadline: bool = True) -> None:
         """KVM_SET_CPUID2, reduced to the two bits the APIC depends on."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             self.arch.cpuid_x2apic = x2apic
             self.arch.cpuid_tsc_deadline = tsc_deadline
             self.arch.cpuid_set = True
@@ -298,7 +324,7 @@ class Vcpu(GuestMixin):
         """KVM_SET_GUEST_DEBUG, the part the APIC cares about: KVM_GUESTDBG_BLOCKIRQ keeps
         KVM from injecting interrupts and inhibits APICv while any vCPU has it
         (kvm_arch_vcpu_guestdbg_update_apicv_inhibit)."""
-        with self.vm._vcpu_context(self):
+        with self.vm.vcpu_ioctl(self):
             if self.td:
                 raise KvmError(EINVAL, "KVM_SET_GUEST_DEBUG", "guest state is protected")
             self.arch.guest_debug_blockirq = bool(enable and blockirq)
@@ -312,7 +338,8 @@ class Vcpu(GuestMixin):
         self.arch.tpr_access_reporting = bool(enabled)
 
     # ------------------------------------------------------------------ MSR dispatch
-    def _read_msr(self, index: int, host: bool) -> int | None:
+    def kvm_get_msr_common(self, index: int, host: bool) -> int | None:
+        """The APIC-related MSR reads of kvm_get_msr_common() (None: KVM fails the read)."""
         apic = self.apic
         if self.td and not tdx_has_emulated_msr(index):
             return None  # tdx_get_msr()
@@ -328,7 +355,8 @@ class Vcpu(GuestMixin):
             return self.arch.pv_eoi_msr
         raise ValueError(f"MSR {index:#x} is not modelled by apicv")
 
-    def _write_msr(self, index: int, value: int, host: bool) -> bool:
+    def kvm_set_msr_common(self, index: int, value: int, host: bool) -> bool:
+        """The APIC-related MSR writes of kvm_set_msr_common() (False: KVM fails it)."""
         apic = self.apic
         if self.td and (tdx_is_read_only_msr(index) or not tdx_has_emulated_msr(index)):
             return False  # tdx_set_msr()
@@ -338,7 +366,7 @@ class Vcpu(GuestMixin):
             eff = apic.kvm_x2apic_msr_write(index, value)
             if eff is REJECTED:
                 return False
-            self._route(eff)
+            self.route(eff)
             return True
         if index == A.MSR_IA32_TSC_DEADLINE:
             apic.kvm_set_lapic_tscdeadline_msr(value)
@@ -376,7 +404,7 @@ class Vcpu(GuestMixin):
             if self.apic.apic_has_pending_timer():
                 # kvm_vcpu_check_block() wakes for the timer; vcpu_run injects it into IRR
                 self.apic.kvm_inject_apic_timer_irqs()
-                self.vm._after_lapic_change()
+                self.vm.settle()
                 if self.kvm_vcpu_has_events():
                     self._vcpu_block()
                     return
@@ -385,14 +413,14 @@ class Vcpu(GuestMixin):
         st = arch.mp_state
         if st in (KVM_MP_STATE_HALTED, KVM_MP_STATE_AP_RESET_HOLD):
             arch.pv_unhalted = False
-            self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+            self.kvm_set_mp_state(KVM_MP_STATE_RUNNABLE)
         elif st == KVM_MP_STATE_INIT_RECEIVED and not self.apic.pending_events:
             raise VcpuNotRunnable(self.vcpu_id, st, "waiting for SIPI")
         # vcpu_run()'s tail after vcpu_block() returned 1
         arch.requests &= ~KVM_REQ_UNBLOCK
         if self.apic.apic_has_pending_timer():
             self.apic.kvm_inject_apic_timer_irqs()
-            self.vm._after_lapic_change()
+            self.vm.settle()
 
     def kvm_vcpu_has_events(self) -> bool:
         arch = self.arch
@@ -447,7 +475,7 @@ class Vcpu(GuestMixin):
         if self.nmi_pending:
             self.arch.requests |= KVM_REQ_EVENT
 
-    def _process_requests(self) -> None:
+    def process_requests(self) -> None:
         """The requests vcpu_enter_guest() handles before it looks at KVM_REQ_EVENT."""
         arch = self.arch
         # nothing for the model to do: async PF, TPR-access report (KVM_EXIT_TPR_ACCESS),
@@ -465,13 +493,13 @@ class Vcpu(GuestMixin):
         if req & KVM_REQ_NMI:
             arch.requests &= ~KVM_REQ_NMI
             self.process_nmi()
-        self.vm._process_vcpu_requests(self)
+        self.vm.process_vcpu_requests(self)
 
     def _vcpu_enter_guest(self):
         """vcpu_enter_guest() up to VM entry: handle requests; on KVM_REQ_EVENT accept
         INIT/SIPI and inject at most one event. Returns the injected event or None."""
         arch = self.arch
-        self._process_requests()
+        self.process_requests()
         injected = None
         if arch.requests & KVM_REQ_EVENT:
             arch.requests &= ~KVM_REQ_EVENT
@@ -530,6 +558,63 @@ class Vcpu(GuestMixin):
             if self.kvm_cpu_has_injectable_intr():
                 self.irq_window_requested = True
         return injected
+
+    # ------------------------------------------------------------------ a VMM's entry path
+    def prepare_entry(self, halt_if: bool = False) -> Entry:
+        """vcpu_run / vcpu_enter_guest up to event injection, for a VMM that runs the guest
+        on a KVM without an in-kernel LAPIC: the tail of the previous exit
+        (:meth:`exit_in_kernel`), the requests (KVM_REQ_NMI left to KVM: accepted NMIs are
+        returned for KVM_NMI), ``kvm_apic_accept_events`` (an INIT of the BSP restarts it at
+        the reset vector; a SIPI gives the AP its start state), and ``vcpu_block`` for a
+        HALTED vCPU (*halt_if*: RFLAGS.IF at its HLT). Then call :meth:`inject_interrupt`."""
+        arch = self.arch
+        self.exit_in_kernel()
+        req_nmi = arch.requests & KVM_REQ_NMI
+        arch.requests &= ~KVM_REQ_NMI
+        self.process_requests()
+        arch.requests |= req_nmi
+        init = 1 << KVM_APIC_INIT
+        had_init = bool(self.apic.pending_events & init)
+        self.kvm_apic_accept_events()
+        state = arch.mp_state
+        reset = None
+        if had_init and not self.apic.pending_events & init and state == KVM_MP_STATE_RUNNABLE:
+            reset = RESET_VECTOR
+        if state in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED):
+            return Entry(False, reset)
+        if self.sipi is not None:
+            reset, self.sipi = self.sipi, None
+        nmis = arch.nmi_queued  # (an INIT reset cleared those accepted before it)
+        if nmis:
+            arch.nmi_queued = 0
+            arch.requests &= ~KVM_REQ_NMI
+        if state == KVM_MP_STATE_HALTED:
+            self.rflags_if = halt_if
+            if not (nmis or self.kvm_vcpu_has_events()):
+                return Entry(False, reset)
+            self.kvm_set_mp_state(KVM_MP_STATE_RUNNABLE)
+        arch.requests &= ~KVM_REQ_EVENT
+        return Entry(True, reset, nmis)
+
+    def inject_interrupt(self, allowed: bool) -> Injection:
+        """kvm_check_and_inject_events() for an interrupt given with KVM_INTERRUPT: if one is
+        injectable and *allowed* (KVM reported ready_for_interrupt_injection with IF=1, and no
+        NMI goes first), ``kvm_cpu_get_interrupt`` acknowledges it; ``window`` says whether
+        more is pending (request an interrupt window)."""
+        if not self.kvm_cpu_has_injectable_intr():
+            return NO_INJECTION
+        vector = -1
+        if allowed:
+            vector = self.kvm_cpu_get_interrupt()
+            tr = self.vm.trace
+            if vector != -1 and tr is not None:
+                tr.kvm_inj_virq(vector)
+        return Injection(vector, self.kvm_cpu_has_injectable_intr())
+
+    @property
+    def vcpu_idx(self) -> int:
+        """The creation index (kvm_vcpu.vcpu_idx)."""
+        return self.arch.vcpu_idx
 
     # ------------------------------------------------------------------ views
     @property

@@ -1,11 +1,17 @@
-"""The VM: the KVM-UAPI-shaped surface of the model (one ioctl, one method).
+"""The model's VM: the KVM-UAPI-shaped surface of the model (one ioctl, one method), the
+owner of the vCPUs, the clock, the optimized APIC map, the router and the in-kernel devices.
 
-``Vm`` owns the vCPUs, the clock, the optimized APIC map and the router, and does what the
-LAPICs ask of the VM after each operation: recalculate the map when it is dirty (and raise
-KVM_REQ_SCAN_IOAPIC), set APICv inhibits, fire timers that have fallen due, and hand EOIs to the
-IOAPIC.
+Every operation runs inside :meth:`Vm.vcpu_ioctl` or :meth:`Vm.vm_ioctl` and its effects are
+settled in one place, :meth:`Vm.settle`: the optimized map is recalculated when it is dirty (with
+the inhibits it implies and KVM_REQ_SCAN_IOAPIC), inhibits the LAPICs asked for are set, the PIC's
+output wakes a vCPU (``pic_unlock``), timers that fell due fire, and -- once the outermost
+operation is over -- vCPUs that were kicked meanwhile (resting in guest mode or in HLT) take what
+was sent to them. A timer expiry only marks work pending (IRR, a request, a kick); it never runs
+another vCPU's delivery in the middle of an operation. Devices (the IOAPIC) see the VM through a
+narrow :class:`DevicePort`.
 
-``apicv.Vm(..., backend="kvm")`` returns the real-KVM backend with the same interface.
+``apicv.Vm(..., backend=...)`` (:mod:`apicv.backends`) chooses between this class and the real
+KVM backend; both implement :class:`apicv.api.VmAPI`.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from . import uapi as U
+from .api import MAX_VCPU_ID, MAX_VCPUS, VmConfig
 from .apic_map import kvm_recalculate_apic_map
 from .arch import SEB_DISABLED, SEB_ENABLED, KvmArch
 from .clock import Clock
 from .delivery import Router
 from .errors import KvmError
+from .i8259 import KvmPic
 from .ioapic import KvmIoapic
 from .kvm_host import (
     KVM_REQ_APICV_UPDATE,
@@ -30,144 +38,149 @@ from .kvm_host import (
 from .lapic import VendorOps
 from .memory import GuestMemory
 from .trace import VM_CONTEXT, Tracer
-from .vcpu import Vcpu
+from .vcpu import KVM_MCE_CAP_SUPPORTED, Vcpu
 from .vmx.tdx import TdxOps
 from .vmx.vmx import VmxOps
 
 _VMX_OPS = VmxOps()
 _TDX_OPS = TdxOps()
 
-
-def _vm_type(vm_type: str | int) -> int:
-    if isinstance(vm_type, str):
-        if vm_type.lower() not in U.VM_TYPE_NAMES:
-            raise ValueError(f"vm_type must be one of {', '.join(U.VM_TYPE_NAMES)}")
-        return U.VM_TYPE_NAMES[vm_type.lower()]
-    if vm_type not in U.VM_TYPE_NAMES.values():
-        # KVM_CREATE_VM: types outside kvm_caps.supported_vm_types (SEV, SNP, ...)
-        raise KvmError(U.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} is not supported")
-    return vm_type
-
-KVM_MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS on these hosts
-KVM_MAX_VCPU_IDS = 4096  # KVM_CAP_MAX_VCPU_ID
+KVM_MAX_VCPUS = MAX_VCPUS  # KVM_CAP_MAX_VCPUS on these hosts
+KVM_MAX_VCPU_IDS = MAX_VCPU_ID  # KVM_CAP_MAX_VCPU_ID
 KVM_MSI_VALID_DEVID = 1 << 0
 # KVM_CAP_DISABLE_QUIRKS2 as these hosts report it
 KVM_X86_VALID_QUIRKS = 0x5FF
+_U32 = 0xFFFFFFFF
 
-_REQ_HANDLED_HERE = KVM_REQ_SCAN_IOAPIC
+# what the model takes for a VmConfig field left at None: upstream KVM's defaults
+MODEL_DEFAULTS = {
+    "maxphyaddr": 48, "tsc_khz": 1_000_000, "enable_apicv": True, "flexpriority": True,
+    "vector_hashing": True, "min_timer_period_us": 200, "lapic_timer_advance": True,
+    "smm": True, "supported_mce_cap": KVM_MCE_CAP_SUPPORTED,
+}
+
+
+def resolve_model_config(cfg: VmConfig) -> VmConfig:
+    """*cfg* with every field left to the backend (None) set to the model's value."""
+    return cfg.replace(**{k: v for k, v in MODEL_DEFAULTS.items() if getattr(cfg, k) is None})
+
+
+class DevicePort:
+    """What an in-kernel device (the IOAPIC) may ask of the VM -- and nothing else: deliver an
+    interrupt to the APICs, find the vCPUs an interrupt would reach, request an IOAPIC scan,
+    ask whether APICv is activated VM-wide, and the clock (now, timers). Tests give a device a
+    fake port."""
+
+    __slots__ = ("kvm", "clock", "vcpus", "deliver", "dest_vcpus", "scan_ioapic",
+                 "apicv_activated")
+
+    def __init__(self, vm: Vm) -> None:
+        self.kvm = vm.kvm
+        self.clock = vm.clock
+        self.vcpus = vm.vcpus  # the live list: vCPUs created later are seen
+        self.deliver = vm.router.kvm_irq_delivery_to_apic
+        self.dest_vcpus = vm.router.kvm_bitmap_or_dest_vcpus
+        self.scan_ioapic = vm.kvm_make_scan_ioapic_request
+        self.apicv_activated = vm.kvm_apicv_activated
 
 
 class Vm:
-    """A VM with an in-kernel irqchip (KVM_CREATE_IRQCHIP) and *nr_vcpus* vCPUs.
+    """The model of a KVM VM with *nr_vcpus* vCPUs, configured by a :class:`~apicv.api.VmConfig`
+    (or the same fields as keyword arguments).
 
-    ``x2apic_api`` is the KVM_CAP_X2APIC_API flag word, enabled before the vCPUs are created.
-    Keyword options select what KVM would be configured with: ``bsp_vcpu_id``
-    (KVM_SET_BOOT_CPU_ID), ``apic_bus_cycle_ns`` (KVM_CAP_X86_APIC_BUS_CYCLES_NS),
-    ``disabled_quirks`` (KVM_CAP_DISABLE_QUIRKS2), the guest CPUID bits ``x2apic_cpuid`` and
-    ``tsc_deadline_cpuid`` (both set, as KVM_GET_SUPPORTED_CPUID reports here), ``maxphyaddr``,
-    ``mcg_cap``, ``supported_mce_cap``, ``tsc_khz``, ``smm`` (CONFIG_KVM_SMM), the module
-    parameters ``enable_apicv``, ``vector_hashing``, ``min_timer_period_us``,
-    ``lapic_timer_advance``; ``vcpu_ids`` to choose the IDs;
-    ``trace=True`` to record a trace. ``vm_type="tdx"`` (KVM_X86_TDX_VM, with
-    ``irqchip="split"``) makes a trust domain whose APIC state is protected (see
-    :mod:`apicv.vmx.tdx`); each vCPU is created and initialized (KVM_TDX_INIT_VCPU).
+    ``irqchip="kernel"`` is KVM_CREATE_IRQCHIP (in-kernel PIC and IOAPIC); ``"split"`` is
+    KVM_CAP_SPLIT_IRQCHIP (LAPICs only). ``vm_type="tdx"`` (KVM_X86_TDX_VM, split irqchip) makes a
+    trust domain whose APIC state is protected (see :mod:`apicv.vmx.tdx`); each vCPU is created
+    and initialized (KVM_TDX_INIT_VCPU). Fields left at None take upstream KVM's defaults
+    (``MODEL_DEFAULTS``); ``vm.config`` is the resolved configuration. ``trace`` may also be a
+    :class:`~apicv.trace.Tracer` to record into.
     """
 
-    def __new__(cls, *args, backend: str = "model", **kwargs):
-        if backend == "kvm":
-            from .kvm import KvmVm
+    backend = "model"
 
-            return KvmVm(*args, **kwargs)
-        if backend != "model":
-            raise ValueError(f"unknown backend {backend!r} (use 'model' or 'kvm')")
-        return super().__new__(cls)
-
-    def __init__(self, nr_vcpus: int = 1, x2apic_api: int = 0, *, backend: str = "model",
-                 vcpu_ids: list[int] | None = None, bsp_vcpu_id: int = 0,
-                 apic_bus_cycle_ns: int = 1, disabled_quirks: int = 0,
-                 x2apic_cpuid: bool = True, tsc_deadline_cpuid: bool = True,
-                 maxphyaddr: int = 48, mcg_cap: int = 0, tsc_khz: int = 1_000_000,
-                 enable_apicv: bool = True, flexpriority: bool = True,
-                 vector_hashing: bool = True,
-                 min_timer_period_us: int = 200, lapic_timer_advance: bool = True,
-                 irqchip: str = "kernel", supported_mce_cap: int | None = None,
-                 smm: bool = True, vm_type: str | int = "default",
-                 trace: bool | Tracer = False) -> None:
-        from .vcpu import KVM_MCE_CAP_SUPPORTED
-
-        self.backend = "model"
-        # KVM_X86_GET_MCE_CAP_SUPPORTED (VMX: CTL, SER, LMCE, CMCI)
-        self.supported_mce_cap = (KVM_MCE_CAP_SUPPORTED if supported_mce_cap is None
-                                  else supported_mce_cap)
-        self.clock = Clock()
-        self.clock.after_fire = self._after_timer
-        if enable_apicv and not flexpriority:
+    def __init__(self, nr_vcpus: int | VmConfig = 1, x2apic_api: int = 0,
+                 **options) -> None:
+        trace = options.pop("trace", None)
+        tracer = trace if isinstance(trace, Tracer) else None
+        if trace is not None:
+            options["trace"] = bool(trace)
+        cfg = VmConfig.from_options(nr_vcpus, x2apic_api, **options)
+        self.config = cfg = resolve_model_config(cfg)
+        if cfg.enable_apicv and not cfg.flexpriority:
             raise ValueError("enable_apicv needs flexpriority (virtualized APIC accesses)")
-        vm_type = _vm_type(vm_type)
-        if vm_type == U.KVM_X86_TDX_VM and not enable_apicv:
+        vm_type = cfg.vm_type_number
+        if vm_type not in U.VM_TYPE_NAMES.values():
+            # KVM_CREATE_VM: types outside kvm_caps.supported_vm_types (SEV, SNP, ...)
+            raise KvmError(U.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} is not supported")
+        if vm_type == U.KVM_X86_TDX_VM and not cfg.enable_apicv:
             # tdx_bringup(): "APICv is required for TDX" -- no TDX, so no such VM type
             raise KvmError(U.EINVAL, "KVM_CREATE_VM", "TDX VMs need enable_apicv")
-        self.flexpriority = flexpriority
-        self.kvm = KvmArch(enable_apicv=enable_apicv, vector_hashing=vector_hashing,
-                           flexpriority=flexpriority,
-                           min_timer_period_us=min_timer_period_us,
-                           lapic_timer_advance=lapic_timer_advance, smm=smm,
+        self.closed = False
+        self.supported_mce_cap = cfg.supported_mce_cap  # KVM_X86_GET_MCE_CAP_SUPPORTED
+        self.clock = Clock()
+        self.clock.after_fire = self._after_timer
+        self.flexpriority = cfg.flexpriority
+        self.kvm = KvmArch(enable_apicv=cfg.enable_apicv, vector_hashing=cfg.vector_hashing,
+                           flexpriority=cfg.flexpriority,
+                           min_timer_period_us=cfg.min_timer_period_us,
+                           lapic_timer_advance=cfg.lapic_timer_advance, smm=cfg.smm,
                            vm_type=vm_type)
         if vm_type == U.KVM_X86_TDX_VM:
             # tdx_vm_init(): protected state, protected EOIs; SMM is not available to a TD
             self.kvm.has_protected_state = True
             self.kvm.has_protected_eoi = True
             self.kvm.smm = False
-        self.x2apic_cpuid = x2apic_cpuid
-        self.tsc_deadline_cpuid = tsc_deadline_cpuid
-        self.maxphyaddr = maxphyaddr
-        self.mcg_cap = mcg_cap
-        self.tsc_khz = tsc_khz
-        self.trace: Tracer | None = (trace if isinstance(trace, Tracer)
+        self.x2apic_cpuid = cfg.x2apic_cpuid
+        self.tsc_deadline_cpuid = cfg.tsc_deadline_cpuid
+        self.maxphyaddr = cfg.maxphyaddr
+        self.mcg_cap = cfg.mcg_cap
+        self.tsc_khz = cfg.tsc_khz
+        self.trace: Tracer | None = (tracer if tracer is not None
                                      else Tracer(self.clock) if trace else None)
         self.router = Router(self.kvm)
         self.router.trace = self.trace
         self.vcpus: list[Vcpu] = []
         self._by_id: dict[int, Vcpu] = {}
+        self._depth = 0  # operations in progress (settle() delivers kicks at depth 0)
+        self.kick_handler = None  # a VMM's delivery of kvm_vcpu_kick (set_kick_handler)
         self.mem = GuestMemory()  # guest RAM (VAPIC words, PV-EOI bytes)
         self.ioapic: KvmIoapic | None = None  # the in-kernel IOAPIC (irqchip="kernel")
-        self.pic = None  # the in-kernel i8259 pair (irqchip="kernel")
+        self.pic: KvmPic | None = None  # the in-kernel i8259 pair (irqchip="kernel")
         self.eoi_broadcasts: list[tuple[int, int, bool]] = []  # (vcpu_id, vector, level)
         # kvm_apicv_init(): ABSENT until the irqchip exists, DISABLED without enable_apicv
-        self.kvm.apicv_inhibit_reasons = 1 << (ApicvInhibit.ABSENT if enable_apicv
+        self.kvm.apicv_inhibit_reasons = 1 << (ApicvInhibit.ABSENT if cfg.enable_apicv
                                                else ApicvInhibit.DISABLED)
         # KVM_CREATE_IRQCHIP / KVM_CAP_SPLIT_IRQCHIP
-        if irqchip not in ("kernel", "split"):
-            raise ValueError("irqchip must be 'kernel' or 'split'")
+        irqchip = cfg.irqchip
         if irqchip == "kernel" and self.kvm.has_protected_eoi:
             # KVM_CREATE_IRQCHIP: no in-kernel IOAPIC when KVM cannot intercept EOIs
             raise KvmError(U.ENOTTY, "KVM_CREATE_IRQCHIP",
                            "EOIs are protected (TDX): use irqchip='split'")
         self.kvm.irqchip_mode = irqchip
+        self.port = DevicePort(self)
         if irqchip == "kernel":
             # KVM_CREATE_IRQCHIP: kvm_pic_init() and kvm_ioapic_init(), default GSI routing
-            from .i8259 import KvmPic
-
             self.pic = KvmPic()
             self.pic.trace = self.trace
-            self.ioapic = KvmIoapic(self)
+            self.ioapic = KvmIoapic(self.port)
             self.ioapic.trace = self.trace
         self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.ABSENT, False)
-        if apic_bus_cycle_ns != 1:
-            self.enable_cap(U.KVM_CAP_X86_APIC_BUS_CYCLES_NS, apic_bus_cycle_ns)
-        if disabled_quirks:
-            self.enable_cap(U.KVM_CAP_DISABLE_QUIRKS2, disabled_quirks)
-        if x2apic_api:
+        if cfg.apic_bus_cycle_ns != 1:
+            self.enable_cap(U.KVM_CAP_X86_APIC_BUS_CYCLES_NS, cfg.apic_bus_cycle_ns)
+        if cfg.disabled_quirks:
+            self.enable_cap(U.KVM_CAP_DISABLE_QUIRKS2, cfg.disabled_quirks)
+        if cfg.x2apic_api:
             # before the vCPUs, as QEMU does: enabling it later does not refresh the map
-            self.enable_cap(U.KVM_CAP_X2APIC_API, x2apic_api)
-        if bsp_vcpu_id:
-            self.set_boot_cpu_id(bsp_vcpu_id)
-        for vid in (vcpu_ids if vcpu_ids is not None else range(nr_vcpus)):
+            self.enable_cap(U.KVM_CAP_X2APIC_API, cfg.x2apic_api)
+        if cfg.bsp_vcpu_id:
+            self.set_boot_cpu_id(cfg.bsp_vcpu_id)
+        for vid in cfg.ids:
             self.create_vcpu(vid)
 
     # ------------------------------------------------------------------ VM ioctls
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU."""
+        self.check_open()
         if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS:
             raise KvmError(U.EINVAL, "KVM_CREATE_VCPU", f"vcpu_id {vcpu_id} out of range")
         if len(self.vcpus) >= KVM_MAX_VCPUS:
@@ -181,20 +194,26 @@ class Vm:
             # tdx_vcpu_create(): the TDX module mandates APICv, and the IOAPIC cannot be
             # emulated without EOI exits
             raise KvmError(U.EINVAL, "KVM_CREATE_VCPU", "a TD vCPU needs a split irqchip")
-        vcpu = Vcpu(self, vcpu_id, len(self.vcpus))
-        self.vcpus.append(vcpu)
-        self._by_id[vcpu_id] = vcpu
-        self.router.apics.append(vcpu.apic)
-        if self.kvm.is_td:
-            vcpu.tdx_vcpu_init()
+        with self.vm_ioctl():
+            vcpu = Vcpu(self, vcpu_id, len(self.vcpus))
+            self.vcpus.append(vcpu)
+            self._by_id[vcpu_id] = vcpu
+            self.router.apics.append(vcpu.apic)
+            if self.kvm.is_td:
+                vcpu.tdx_vcpu_init()
         return vcpu
 
     def vcpu(self, vcpu_id: int) -> Vcpu:
         """The vCPU with this vcpu_id (``vm.vcpus[i]`` indexes by creation order)."""
-        return self._by_id[vcpu_id]
+        v = self._by_id.get(vcpu_id)
+        if v is None:
+            raise ValueError(f"no vCPU with id {vcpu_id} (vCPU ids: "
+                             f"{', '.join(map(str, self._by_id)) or 'none'})")
+        return v
 
     def set_boot_cpu_id(self, vcpu_id: int) -> None:
         """KVM_SET_BOOT_CPU_ID."""
+        self.check_open()
         if self.vcpus:
             raise KvmError(U.EBUSY, "KVM_SET_BOOT_CPU_ID", "vCPUs already created")
         if not 0 <= vcpu_id <= KVM_MAX_VCPU_IDS:
@@ -215,7 +234,10 @@ class Vm:
         }.get(cap, 0)
 
     def enable_cap(self, cap: int, *args: int) -> None:
-        """KVM_ENABLE_CAP on the VM fd."""
+        """KVM_ENABLE_CAP on the VM fd (struct kvm_enable_cap: at most 4 u64 arguments)."""
+        self.check_open()
+        if len(args) > 4 or any(not 0 <= a <= (1 << 64) - 1 for a in args):
+            raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments of 64 bits")
         arg0 = args[0] if args else 0
         kvm = self.kvm
         if cap == U.KVM_CAP_X2APIC_API:
@@ -255,11 +277,20 @@ class Vm:
 
         Raises KvmError(EINVAL) for a bad flag or an invalid x2APIC-format route and
         KvmError(EPERM) when no APIC matched at all (KVM returns -1)."""
+        if not (0 <= address_lo <= _U32 and 0 <= address_hi <= _U32 and 0 <= data <= _U32
+                and 0 <= flags <= _U32 and 0 <= devid <= _U32):
+            raise ValueError("struct kvm_msi: address_lo, address_hi, data, flags and devid "
+                             "are 32-bit fields")
+        if self.closed:
+            self.check_open()
         if flags & ~KVM_MSI_VALID_DEVID:
             raise KvmError(U.EINVAL, "KVM_SIGNAL_MSI", "unknown flags")
-        r = self.router.kvm_set_msi(address_lo & 0xFFFFFFFF, address_hi & 0xFFFFFFFF,
-                                    data & 0xFFFFFFFF)
-        self._after_delivery()
+        r = self.router.kvm_set_msi(address_lo, address_hi, data)
+        self.settle()
+        tr = self.trace
+        if tr is not None:
+            for v in self.vcpus:
+                tr.apic_state(v.apic)
         if r < 0:
             raise KvmError(-r, "KVM_SIGNAL_MSI",
                            "no APIC matched the destination" if r == -1
@@ -291,10 +322,11 @@ class Vm:
         kvm.apicv_inhibit_reasons = new
 
     def set_or_clear_apicv_inhibit(self, reason, set_: bool) -> None:
-        """User-driven inhibit toggle (names as in enum kvm_apicv_inhibit, no prefix)."""
-        if isinstance(reason, str):
-            reason = ApicvInhibit[reason.upper().removeprefix("APICV_INHIBIT_REASON_")]
-        self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit(reason), set_)
+        """User-driven inhibit toggle (names as in enum kvm_apicv_inhibit, no prefix);
+        ValueError for a reason KVM does not have."""
+        reason = ApicvInhibit.parse(reason)
+        with self.vm_ioctl():
+            self.kvm_set_or_clear_apicv_inhibit(reason, bool(set_))
 
     def kvm_vcpu_update_apicv(self, vcpu: Vcpu) -> None:
         """__kvm_vcpu_update_apicv(): (de)activate APICv on this vCPU at its next entry."""
@@ -320,43 +352,71 @@ class Vm:
         """The KVM_CREATE_VM machine type (0 default, 5 KVM_X86_TDX_VM)."""
         return self.kvm.vm_type
 
-    def _service_kicks(self) -> None:
-        """Deliver what was sent to vCPUs resting in guest mode or HLT (their kick IPIs and
-        posted-interrupt notifications), now that the sending operation is complete."""
+    # ------------------------------------------------------------------ settling
+    def settle(self) -> None:
+        """The one place where the effects of an operation are settled.
+
+        What KVM does at the end of a register write, an APIC-base write, a reset or a state
+        restore: ``kvm_recalculate_apic_map`` when the map is dirty (with the inhibits it
+        implies and KVM_REQ_SCAN_IOAPIC), the inhibits a LAPIC asked for, ``pic_unlock`` when
+        the PIC's output rose, and the timers that fell due. Inside an operation that is all
+        (called again by the vCPU code where KVM would have done it). When no operation is in
+        progress, the vCPUs kicked meanwhile -- resting in guest mode or in HLT -- then take
+        what was sent to them (:meth:`deliver_kicks`), until nothing is left to do."""
+        kvm = self.kvm
+        self._depth += 1
+        try:
+            if kvm.apic_map_dirty:
+                self.kvm_recalculate_apic_map()
+            if kvm.inhibit_requests:
+                req, kvm.inhibit_requests = kvm.inhibit_requests, 0
+                for reason in ApicvInhibit:
+                    if req >> reason & 1:
+                        self.kvm_set_or_clear_apicv_inhibit(reason, True)
+            pic = self.pic
+            if pic is not None and (pic.wakeup_needed or pic.acked or pic.mask_notified):
+                self.pic_unlock()
+            clock = self.clock
+            nxt = clock.next_expiry()
+            if nxt is not None and nxt <= clock.now:
+                clock.advance(0)  # a timer's callback only marks work (IRR, requests, kicks)
+        finally:
+            self._depth -= 1
+        if not self._depth and kvm.kicked:
+            self.deliver_kicks()
+
+    def set_kick_handler(self, handler) -> None:
+        """Let a VMM deliver ``kvm_vcpu_kick``: *handler(vcpu)* is called, when the operation
+        that kicked is settled, for each vCPU the model kicked (instead of the simulated
+        processor taking the interrupt). None restores the simulated processor."""
+        self.kick_handler = handler
+
+    def deliver_kicks(self) -> None:
+        """Deliver what was sent to vCPUs resting in guest mode or in HLT (their kick IPIs and
+        posted-interrupt notifications), now that no operation is in progress."""
         kicked = self.kvm.kicked
+        handler = self.kick_handler
+        vcpus = self.vcpus
+        if handler is not None:
+            while kicked:
+                handler(vcpus[kicked.pop(0).vcpu_idx])
+            return
         rounds = 0
         while kicked:
             rounds += 1
             if rounds > 100_000:
                 raise RuntimeError("kicks did not settle")
-            arch = kicked.pop(0)
-            vcpu = self.vcpus[arch.vcpu_idx]
-            if vcpu._location != "host":
-                with self._vcpu_context(vcpu, service=False):
-                    vcpu._service()
-
-    # ------------------------------------------------------------------ after an operation
-    def _after_lapic_change(self) -> None:
-        """What KVM does at the end of a register write, APIC-base write, reset or state
-        restore: kvm_recalculate_apic_map (when dirty), the inhibits it implies, and any
-        inhibit a LAPIC asked for; then timers that have fallen due fire."""
-        kvm = self.kvm
-        if kvm.apic_map_dirty:
-            self.kvm_recalculate_apic_map()
-        if kvm.inhibit_requests:
-            req, kvm.inhibit_requests = kvm.inhibit_requests, 0
-            for reason in ApicvInhibit:
-                if req >> reason & 1:
-                    self.kvm_set_or_clear_apicv_inhibit(reason, True)
-        clock = self.clock
-        q = clock._queue
-        if q and q[0][0] <= clock.now:
-            clock.advance(0)
+            vcpu = vcpus[kicked.pop(0).vcpu_idx]
+            if vcpu.location != "host":
+                with self.vcpu_ioctl(vcpu, service=False):
+                    vcpu.service_kick()
 
     def _after_timer(self) -> None:
-        """A timer fired: a vCPU resting in guest mode or HLT was kicked; deliver now."""
-        if self.kvm.kicked:
-            self._service_kicks()
+        """A timer fired (clock.after_fire). Inside an operation its kick only waits in
+        ``kvm.kicked``; outside one (the user advanced the clock) it is delivered now, each
+        expiry at its own instant."""
+        if not self._depth and self.kvm.kicked:
+            self.deliver_kicks()
 
     def kvm_recalculate_apic_map(self) -> None:
         kvm = self.kvm
@@ -393,7 +453,7 @@ class Vm:
         """The current optimized map (None while physical IDs alias: slow path only)."""
         return self.router.map
 
-    def _process_vcpu_requests(self, vcpu: Vcpu) -> None:
+    def process_vcpu_requests(self, vcpu: Vcpu) -> None:
         """Requests a vCPU handles at entry that belong to VM-level devices."""
         arch = vcpu.arch
         if arch.requests & KVM_REQ_SCAN_IOAPIC:
@@ -439,7 +499,7 @@ class Vm:
         if not self.kvm_cpu_has_extint(vcpu):
             return -1
         vector = self.pic.kvm_pic_read_irq()
-        self._pic_unlock()
+        self.pic_unlock()
         return vector
 
     def kvm_lapic_sync_to_vapic(self, vcpu: Vcpu) -> None:
@@ -451,8 +511,11 @@ class Vm:
         """KVM_IRQ_LINE_STATUS from userspace (KVM_USERSPACE_IRQ_SOURCE_ID): the status
         kvm_set_irq() returns -- -1 if no route took it (masked, waiting for EOI, no route
         for the GSI), 0 if coalesced, else a positive count (1 for a lowered line)."""
-        if not 0 <= irq <= 0xFFFFFFFF:
+        if not 0 <= irq <= _U32:
             raise ValueError(f"GSI {irq} does not fit in 32 bits")
+        if not 0 <= level <= _U32:
+            raise ValueError(f"level {level} does not fit in 32 bits")
+        self.check_open()
         level = int(bool(level))
         tr = self.trace
         if tr is not None:
@@ -467,15 +530,15 @@ class Vm:
                 ret = r
             if irq < 16:
                 r = self.pic.kvm_pic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID, level)
-                self._pic_unlock()
                 if r >= 0:
                     ret = r + max(ret, 0)
-        self._after_device_change()
+        self.after_vm_ioctl()
         return ret
 
     def get_irqchip(self, chip_id: int) -> bytes:
         """KVM_GET_IRQCHIP: struct kvm_pic_state (16 bytes) for chips 0/1, struct
         kvm_ioapic_state (216 bytes) for chip 2."""
+        self.check_open()
         if self.ioapic is None:
             raise KvmError(U.ENXIO, "KVM_GET_IRQCHIP", "no in-kernel PIC/IOAPIC (split irqchip)")
         if chip_id in (U.KVM_IRQCHIP_PIC_MASTER, U.KVM_IRQCHIP_PIC_SLAVE):
@@ -486,6 +549,7 @@ class Vm:
 
     def set_irqchip(self, chip_id: int, data: bytes) -> None:
         """KVM_SET_IRQCHIP (the used bytes of the chip, or the whole 512-byte union)."""
+        self.check_open()
         if self.ioapic is None:
             raise KvmError(U.ENXIO, "KVM_SET_IRQCHIP", "no in-kernel PIC/IOAPIC (split irqchip)")
         data = bytes(data)
@@ -502,8 +566,7 @@ class Vm:
         else:
             err = KvmError(U.EINVAL, "KVM_SET_IRQCHIP", f"chip_id {chip_id}")
         self.pic.kvm_pic_update_irq()  # whatever the chip
-        self._pic_unlock()
-        self._after_device_change()
+        self.after_vm_ioctl()
         if err is not None:
             raise err
 
@@ -515,7 +578,21 @@ class Vm:
         """The VMM writes guest RAM (ValueError outside the RAM memslot)."""
         self.mem.write(gpa, bytes(data))
 
-    def _pic_unlock(self) -> None:
+    def picdev_read(self, port: int) -> int:
+        """A read of an in-kernel PIC port (picdev_read under pic_lock; pic_unlock after)."""
+        out = self.pic.picdev_read(port)
+        self.pic_unlock()
+        return out
+
+    def picdev_write(self, port: int, value: int) -> None:
+        """A write to an in-kernel PIC port (picdev_write; pic_unlock after). kvm_pic_reset()
+        (ICW1) asks whether any vCPU accepts PIC interrupts."""
+        pic = self.pic
+        pic.accept_pic_intr = any(v.apic.kvm_apic_accept_pic_intr() for v in self.vcpus)
+        pic.picdev_write(port, value)
+        self.pic_unlock()
+
+    def pic_unlock(self) -> None:
         """pic_unlock(): when the PIC's output rose, KVM_REQ_EVENT and a kick for the first
         vCPU that accepts PIC interrupts."""
         pic = self.pic
@@ -534,16 +611,9 @@ class Vm:
                 v.apic.kvm_vcpu_kick()
                 return
 
-    def _after_device_change(self) -> None:
-        """After an IOAPIC/PIC ioctl: what a LAPIC change needs, then the delivery tail."""
-        self._after_lapic_change()
-        self._after_delivery()
-
-    def _after_delivery(self) -> None:
-        """After a VM-level delivery (MSI, IRQ line, irqchip restore): deliver to vCPUs
-        resting in guest mode or HLT, and sample the timeline."""
-        if self.kvm.kicked:
-            self._service_kicks()
+    def after_vm_ioctl(self) -> None:
+        """The end of a VM ioctl that changed a device: settle, then sample the timeline."""
+        self.settle()
         tr = self.trace
         if tr is not None:
             for v in self.vcpus:
@@ -561,12 +631,16 @@ class Vm:
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
-    def _vcpu_context(self, vcpu: Vcpu, service: bool = True):
+    def vcpu_ioctl(self, vcpu: Vcpu, service: bool = True):
+        """A vCPU ioctl (or one guest operation) on *vcpu*: ``vcpu->mutex``. With *service*
+        the VMM first takes a vCPU resting in KVM_RUN out of it. The operation's effects are
+        settled when it ends (:meth:`settle`)."""
+        self.check_open()
         if self.kvm.vm_bugged:
             raise KvmError(U.EIO, "vCPU ioctl", "the VM is dead (KVM_BUG_ON fired)")
         if service:
             # a vCPU ioctl needs vcpu->mutex: the VMM takes the vCPU out of KVM_RUN first
-            vcpu._stop_guest()
+            vcpu.leave_guest()
         if self.clock.source is not None:
             self.clock.sync()
         tr = self.trace
@@ -574,15 +648,35 @@ class Vm:
         if tr is not None:
             old = tr.context
             tr.context = vcpu.vcpu_id
+        self._depth += 1
         try:
             yield
         finally:
-            self._after_lapic_change()
+            try:
+                self.settle()  # still counted as in progress: kicks wait for the trace sample
+            finally:
+                self._depth -= 1
             if tr is not None:
                 tr.context = old
                 tr.apic_state(vcpu.apic)
-        if service and self.kvm.kicked:
-            self._service_kicks()
+        if service and not self._depth and self.kvm.kicked:
+            self.deliver_kicks()
+
+    @contextmanager
+    def vm_ioctl(self):
+        """A VM ioctl: its effects are settled when it ends."""
+        self.check_open()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        self.settle()
+
+    def check_open(self) -> None:
+        """ValueError once the VM is closed (as the real backend says)."""
+        if self.closed:
+            raise ValueError("the VM is closed")
 
     def enable_tracing(self, limit: int | None = None) -> Tracer:
         """Attach a tracer (tracing is off, and free, until this is called)."""
@@ -598,7 +692,15 @@ class Vm:
         return tr
 
     def close(self) -> None:
-        """Nothing to release in the model (the KVM backend closes its fds)."""
+        """Close the VM: later calls raise ValueError, as on the real backend (the model
+        holds no fds; its timers are cancelled)."""
+        if self.closed:
+            return
+        self.closed = True
+        for v in self.vcpus:
+            v.apic.cancel_apic_timer()
+        if self.ioapic is not None:
+            self.ioapic.eoi_inject.cancel()
 
     def __enter__(self) -> Vm:
         return self
