@@ -44,17 +44,10 @@ from .. import apicdef as A
 from ..errors import BootError
 from ..kvm import uapi as K
 from ..kvm.sys import cpuid_maxphyaddr, enable_vm_cap, ioctl
-from ..kvm_host import KVM_APIC_INIT, KVM_REQ_EVENT, KVM_REQ_NMI
-from ..uapi import (
-    KVM_MP_STATE_HALTED,
-    KVM_MP_STATE_INIT_RECEIVED,
-    KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED,
-    KVM_X86_QUIRK_LAPIC_MMIO_HOLE,
-)
+from ..uapi import KVM_X86_QUIRK_LAPIC_MMIO_HOLE
 
 if TYPE_CHECKING:
-    from .machine import _Vcpu
+    from .machine import VmmVcpu
 
 # KVM_CAP_X2APIC_API as QEMU enables it when the guest has x2APIC: 32-bit IDs and no broadcast
 # quirk. Without x2APIC in CPUID it stays off, so aliased xAPIC IDs follow the architecture
@@ -97,18 +90,12 @@ class ModelIrqchipMixin:
     def _build_model(self, trace: bool, trace_limit: int) -> None:
         from ..vm import Vm
 
-        vmm = self
-
-        class _VmmVm(Vm):
-            """The model Vm whose kicks reach the VMM's vCPU threads."""
-
-            def _service_kicks(self) -> None:
-                vmm._drain_kicks()
-
-        self.vm = vm = _VmmVm(self.smp, self.x2apic_api, enable_apicv=False,
-                              lapic_timer_advance=False, x2apic_cpuid=self.x2apic,
-                              tsc_deadline_cpuid=self.tsc_deadline, tsc_khz=self.tsc_khz,
-                              smm=False, maxphyaddr=cpuid_maxphyaddr(self.supported_cpuid))
+        self.vm = vm = Vm(self.smp, self.x2apic_api, enable_apicv=False,
+                          lapic_timer_advance=False, x2apic_cpuid=self.x2apic,
+                          tsc_deadline_cpuid=self.tsc_deadline, tsc_khz=self.tsc_khz,
+                          smm=False, maxphyaddr=cpuid_maxphyaddr(self.supported_cpuid))
+        # the model's kvm_vcpu_kick()s reach the vCPU threads (a signal, or a wake-up)
+        vm.set_kick_handler(lambda mv: self._kick(self.vcpus[mv.vcpu_idx]))
         if trace:
             vm.enable_tracing(limit=trace_limit)
         t0 = time.monotonic_ns()
@@ -120,7 +107,7 @@ class ModelIrqchipMixin:
             v.set_msr(A.MSR_IA32_APICBASE, mv.arch.apic_base)
             self._calibrate_tsc(v, mv)
 
-    def _calibrate_tsc(self, v: _Vcpu, mv) -> None:
+    def _calibrate_tsc(self, v: VmmVcpu, mv) -> None:
         """The model's guest TSC (kvm_read_l1_tsc: offset + ns * kHz) = KVM's, never ahead
         of it (timers fire late, not early): offset = TSC read - kHz * (time after the read).
         Done at start and at every TSC-deadline write (the guest may have written its TSC)."""
@@ -129,29 +116,12 @@ class ModelIrqchipMixin:
         mv.arch.tsc_offset = (tsc - now * self.tsc_khz // 1_000_000) & ((1 << 64) - 1)
 
     def _pic_ports(self):
-        def read(port: int) -> int:
-            out = self.vm.pic.picdev_read(port)
-            self.vm._pic_unlock()
-            return out
-
-        def write(port: int, value: int) -> None:
-            vm = self.vm
-            pic = vm.pic
-            pic.accept_pic_intr = any(mv.apic.kvm_apic_accept_pic_intr() for mv in vm.vcpus)
-            pic.picdev_write(port, value)
-            vm._pic_unlock()
-
-        return read, write
-
-    def _drain_kicks(self) -> None:
-        """The model's kvm_vcpu_kick()s since the last call: wake or signal those vCPUs."""
-        kicked = self.vm.kvm.kicked
-        while kicked:
-            arch = kicked.pop()
-            self._kick(self.vcpus[arch.vcpu_idx])
+        """The PIC's ports for the port bus (the model exists only later)."""
+        return (lambda port: self.vm.picdev_read(port),
+                lambda port, value: self.vm.picdev_write(port, value))
 
     # -- the model as irqchip --
-    def _vcpu_loop_model(self, v: _Vcpu) -> None:
+    def _vcpu_loop_model(self, v: VmmVcpu) -> None:
         """One vCPU's thread: vcpu_run() with the model -- enter (or wait, as vcpu_block does,
         until a kick), KVM_RUN without the lock, handle the exit."""
         mv = v.model
@@ -179,74 +149,46 @@ class ModelIrqchipMixin:
                 if not self.done.is_set():
                     self._after_exit(v, mv, ok)
 
-    def _before_entry(self, v: _Vcpu, mv) -> bool:
-        """vcpu_run / vcpu_enter_guest for the model: timers, requests, NMIs, INIT/SIPI,
-        HLT wake-up and interrupt injection. False if the vCPU has to wait."""
-        vm = self.vm
-        arch = mv.arch
+    def _before_entry(self, v: VmmVcpu, mv) -> bool:
+        """vcpu_run / vcpu_enter_guest for the model (:meth:`apicv.vcpu.Vcpu.prepare_entry`
+        and :meth:`~apicv.vcpu.Vcpu.inject_interrupt`), carried out with KVM_SET_SREGS/REGS,
+        KVM_NMI, KVM_INTERRUPT and request_interrupt_window. False if the vCPU has to wait."""
         run = v.run
-        tr = vm.trace
+        tr = self.vm.trace
         if tr is not None:
             tr.context = v.vcpu_id
-        mv._exit_in_kernel()  # clock, KVM_REQ_UNBLOCK, a pending timer expiry into IRR
-        # the requests, except KVM_REQ_NMI: accepted NMIs go to KVM (KVM_NMI), which keeps
-        # NMI blocking and NMI windows itself, once the vCPU is going to run
-        req_nmi = arch.requests & KVM_REQ_NMI
-        arch.requests &= ~KVM_REQ_NMI
-        mv._process_requests()
-        arch.requests |= req_nmi
-        init = 1 << KVM_APIC_INIT
-        had_init = bool(mv.apic.pending_events & init)
-        mv.kvm_apic_accept_events()
-        state = arch.mp_state
-        if had_init and not mv.apic.pending_events & init and state == KVM_MP_STATE_RUNNABLE:
-            self._reset_vcpu(v, 0xF000, 0xFFFF0000, 0xFFF0)  # INIT of the BSP: reset vector
-        if state in (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED):
+        entry = mv.prepare_entry(halt_if=v.halt_if)
+        if entry.reset is not None:
+            self._reset_vcpu(v, *entry.reset)
+        if not entry.runnable:
             return False
-        if mv.sipi is not None:
-            sel, base, rip = mv.sipi
-            mv.sipi = None
-            self._reset_vcpu(v, sel, base, rip)
-        nmis = arch.nmi_queued  # (an INIT reset cleared those accepted before it)
-        if nmis:
-            arch.nmi_queued = 0
-            arch.requests &= ~KVM_REQ_NMI
-        for _ in range(nmis):
+        for _ in range(entry.nmis):
             v.ioctl(K.KVM_NMI)
             self.nmis += 1
             v.nmi_inflight = True
-        if state == KVM_MP_STATE_HALTED:
-            mv.rflags_if = v.halt_if
-            if not (nmis or mv.kvm_vcpu_has_events()):
-                return False
-            mv._set_mp_state(KVM_MP_STATE_RUNNABLE)
-        arch.requests &= ~KVM_REQ_EVENT
-        # kvm_check_and_inject_events() for a userspace-injected interrupt
-        if mv.kvm_cpu_has_injectable_intr():
-            if run.ready_for_interrupt_injection and run.if_flag and not self._nmi_first(v):
-                vec = mv.kvm_cpu_get_interrupt()
-                if vec != -1:
-                    if tr is not None:
-                        tr.kvm_inj_virq(vec)
-                    v.ioctl(K.KVM_INTERRUPT, K.kvm_interrupt(irq=vec))
-                    self.injected += 1
-                    run.ready_for_interrupt_injection = 0
-            if mv.kvm_cpu_has_injectable_intr():
-                run.request_interrupt_window = 1
-                v.window_since = time.monotonic()
-                if not self.polling_windows:
-                    self.timer_changed.set()  # H6: the timer loop polls for the window
-            else:
-                run.request_interrupt_window = 0
+        # an interrupt given with KVM_INTERRUPT counts as injected: it needs an open window and
+        # must not overtake an NMI that KVM still holds
+        allowed = bool(run.ready_for_interrupt_injection and run.if_flag
+                       and mv.kvm_cpu_has_injectable_intr() and not self._nmi_first(v))
+        inj = mv.inject_interrupt(allowed)
+        if inj.vector != -1:
+            v.ioctl(K.KVM_INTERRUPT, K.kvm_interrupt(irq=inj.vector))
+            self.injected += 1
+            run.ready_for_interrupt_injection = 0
+        if inj.window:
+            run.request_interrupt_window = 1
+            v.window_since = time.monotonic()
+            if not self.polling_windows:
+                self.timer_changed.set()  # H6: the timer loop polls for the window
         else:
             run.request_interrupt_window = 0
         cr8 = mv.apic.kvm_lapic_get_cr8()
         run.cr8 = cr8
         v.cr8_set = cr8
-        self._drain_kicks()
+        self.vm.deliver_kicks()
         return True
 
-    def _nmi_first(self, v: _Vcpu) -> bool:
+    def _nmi_first(self, v: VmmVcpu) -> bool:
         """Whether an NMI KVM holds goes in before an interrupt (kvm_check_and_inject_events
         injects a pending, unmasked NMI first). An interrupt given with KVM_INTERRUPT counts
         as already injected and would overtake it, so the VMM waits for the next interrupt
@@ -261,7 +203,7 @@ class ModelIrqchipMixin:
             return False
         return bool(ev.nmi.pending and not ev.nmi.masked)
 
-    def _reset_vcpu(self, v: _Vcpu, selector: int, base: int, rip: int) -> None:
+    def _reset_vcpu(self, v: VmmVcpu, selector: int, base: int, rip: int) -> None:
         """The INIT state (SDM 'Processor state following power-up, reset, or INIT') with
         CS from a SIPI (kvm_vcpu_deliver_sipi_vector) or the reset vector."""
         s = K.kvm_sregs()
@@ -291,7 +233,7 @@ class ModelIrqchipMixin:
         v.halt_if = False
         v.nmi_inflight = False
 
-    def _after_exit(self, v: _Vcpu, mv, exited: bool = True) -> None:
+    def _after_exit(self, v: VmmVcpu, mv, exited: bool = True) -> None:
         """After KVM_RUN: IF and CR8 as the guest left them (also when a kick interrupted the
         run, *exited* False: the guest may have run and written CR8), then the exit."""
         run = v.run
@@ -306,15 +248,14 @@ class ModelIrqchipMixin:
             return
         self._handle_exit(v)
         vm = self.vm
-        vm._after_lapic_change()
+        vm.settle()  # the exit's effects; kicks go out through the kick handler
         nxt = vm.clock.next_expiry()
         if nxt is not None and nxt < self.timer_wake_at:
             self.timer_changed.set()  # the guest armed a timer before the loop's wake-up
         if tr is not None:
             tr.apic_state(mv.apic)
-        self._drain_kicks()
 
-    def _mmio(self, v: _Vcpu) -> None:
+    def _mmio(self, v: VmmVcpu) -> None:
         m = v.run.u.mmio
         gpa, size, write = m.phys_addr, m.len, bool(m.is_write)
         value = int.from_bytes(bytes(m.data[:size]), "little") if write else None
@@ -341,10 +282,10 @@ class ModelIrqchipMixin:
         if value is None:
             out = apic.kvm_lapic_reg_read(offset, size)
             return 0 if out is None else out
-        mv._route(apic.apic_mmio_write_reg(offset, size, value))
+        mv.route(apic.apic_mmio_write_reg(offset, size, value))
         return 0
 
-    def _msr(self, v: _Vcpu, write: bool) -> None:
+    def _msr(self, v: VmmVcpu, write: bool) -> None:
         msr = v.run.u.msr
         mv = v.model
         index = msr.index
@@ -355,12 +296,12 @@ class ModelIrqchipMixin:
         if write:
             if index == A.MSR_IA32_TSC_DEADLINE:
                 self._calibrate_tsc(v, mv)
-            ok = mv._write_msr(index, msr.data, host=False)
+            ok = mv.kvm_set_msr_common(index, msr.data, host=False)
             msr.error = 0 if ok else 1
             if ok and index == A.MSR_IA32_APICBASE:
                 v.set_msr(A.MSR_IA32_APICBASE, mv.arch.apic_base)
         else:
-            val = mv._read_msr(index, host=False)
+            val = mv.kvm_get_msr_common(index, host=False)
             if val is None:
                 msr.error = 1
             else:
