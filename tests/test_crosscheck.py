@@ -22,7 +22,7 @@ EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.toml")))
 def _needs_model(sc) -> bool:
     """A VM the real KVM here cannot make: a TD (no TDX on this host) or a split irqchip (not
     in the KVM backend)."""
-    return sc.vm.get("vm_type", "default") != "default" or sc.vm.get("irqchip") == "split"
+    return sc.vm.vm_type != "default" or sc.vm.irqchip == "split"
 
 
 def _stop_is_named(stopped: str, apicv_keys=()) -> bool:

@@ -23,12 +23,17 @@ from . import apicdef as A
 from . import uapi as U
 from .errors import ApicvError, GuestFault, KvmError, ScenarioError
 from .memory import SCRATCH_GPA
-from .scenario import MODEL_ONLY_OPS, Outcome, Runner, Scenario, Step, decode_irqchip
+from .scenario import (
+    GUEST_OPS,
+    MODEL_ONLY_OPS,
+    Outcome,
+    Runner,
+    Scenario,
+    Step,
+    decode_irqchip,
+)
 from .state import LapicState, diff, vectors_of
 
-GUEST_OPS = {"mmio_read", "mmio_write", "rdmsr", "wrmsr", "write_cr8", "read_cr8",
-             "take_interrupts", "run", "ioapic_read", "ioapic_write", "inb", "outb",
-             "guest_load", "guest_store"}
 # guest RAM compared after every step: the scratch area's first page (VAPIC words, PV-EOI
 # bytes live there in the examples and the fuzzer)
 COMPARED_RAM = (SCRATCH_GPA, 0x1000)
@@ -134,7 +139,7 @@ def apicv_visible(step: Step, mvm, runner: Runner | None = None) -> str | None:
         if runner is None:
             return "V5"
         try:
-            page = LapicState(runner.lapic_page(step))
+            page = LapicState(runner.lapic_page(step.args))
         except (ScenarioError, ValueError, OSError):
             return None  # the step fails the same way on both sides
         return "V5" if page.isr != apic.isr else None
@@ -195,14 +200,6 @@ def probe_host() -> dict[str, bool]:
     return found
 
 
-def host_options(kvm_vm) -> dict[str, Any]:
-    """Model options that make the model describe this host (module parameters, TSC, MCE)."""
-    opts = dict(kvm_vm.host_parameters)
-    opts.update(tsc_khz=kvm_vm.tsc_khz, maxphyaddr=kvm_vm.maxphyaddr,
-                supported_mce_cap=kvm_vm.supported_mce_cap, smm=kvm_vm.smm)
-    return opts
-
-
 # ---------------------------------------------------------------- comparing
 def _outcome_key(o: Outcome) -> Any:
     e = o.error
@@ -240,22 +237,20 @@ class Crosscheck:
         from .kvm import KvmVm
 
         res = CrosscheckResult(self.sc)
-        opts = dict(self.sc.vm)
-        nr = opts.pop("vcpus", 1)
         try:
-            kvm_vm = KvmVm(nr, **opts)
+            kvm_vm = KvmVm(self.sc.vm)
         except (ApicvError, ValueError, NotImplementedError) as e:
             res.error = f"the real KVM cannot run this scenario's VM: {e}"
             return res
         try:
-            model_opts = host_options(kvm_vm)
-            model_opts.update(self.sc.vm)
+            # the real VM's resolved config is the model of this host (its module
+            # parameters, TSC, MCE and SMM support), with the scenario's own options in it
+            cfg = kvm_vm.config
             if self.model_apicv:
-                model_opts.update(enable_apicv=True, flexpriority=True)
-            model_opts.pop("vcpus", None)
+                cfg = cfg.replace(enable_apicv=True, flexpriority=True)
             from .vm import Vm
 
-            model_vm = Vm(nr, **model_opts)
+            model_vm = Vm(cfg)
             # the model's time follows the real VM's clock, also while a guest op runs
             model_vm.clock.follow(lambda: kvm_vm.clock.now)
             self._run(model_vm, kvm_vm, res, on_step)

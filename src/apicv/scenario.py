@@ -5,7 +5,7 @@ Format (see README "Scenario format" and examples/)::
 
     description = "what this checks"
 
-    [vm]                      # keyword arguments of apicv.Vm
+    [vm]                      # apicv.VmConfig fields ("vcpus" is nr_vcpus)
     vcpus = 2
     x2apic_api = ["USE_32BIT_IDS"]
 
@@ -28,16 +28,20 @@ Unknown keys and bad values are errors that name the file, the step and the fiel
 
 from __future__ import annotations
 
+import dataclasses
 import errno as _errno
+import os
 import struct
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import apicdef as A
 from . import uapi as U
-from .errors import ApicvError, GuestFault, KvmError, ScenarioError
+from .api import VmConfig
+from .errors import ApicvError, GuestFault, KvmError, ScenarioError, StateError
+from .kvm_host import ApicvInhibit
 from .regs import BY_NAME, lookup
 from .state import LapicState, vectors_of
 
@@ -93,69 +97,144 @@ CAPS = {n[len("KVM_CAP_"):]: v for n, v in vars(U).items() if n.startswith("KVM_
 QUIRKS = {n[len("KVM_X86_QUIRK_"):]: v for n, v in vars(U).items()
           if n.startswith("KVM_X86_QUIRK_")}
 
-VM_OPTIONS = {
-    "vcpus": int, "x2apic_api": "x2apic_api", "vcpu_ids": list, "bsp_vcpu_id": int,
-    "apic_bus_cycle_ns": int, "disabled_quirks": "quirks", "x2apic_cpuid": bool,
-    "tsc_deadline_cpuid": bool, "maxphyaddr": int, "mcg_cap": int, "tsc_khz": int,
-    "enable_apicv": bool, "flexpriority": bool, "vector_hashing": bool,
-    "min_timer_period_us": int,
-    "lapic_timer_advance": bool, "irqchip": ("kernel", "split"), "vm_type": ("default", "tdx"),
-}
+# the [vm] table: VmConfig's fields, with "vcpus" for nr_vcpus
+VM_OPTIONS: dict[str, str] = {
+    ("vcpus" if f.name == "nr_vcpus" else f.name): f.metadata["kind"]
+    for f in dataclasses.fields(VmConfig) if f.name != "trace"}
 
-# op -> {field: (kind, required)}; kinds: int, bool, reg (register offset), msr, mp_state,
-# vectors, regs (register table), str, ns
+# ---------------------------------------------------------------- the operation table
+# One row per operation a step can take: its fields ({name: (kind, required)}), what it runs on
+# (a vCPU or the VM), how its ``expect`` is read, and the call itself. Kinds: int, u8, u32, u64,
+# size (1/2/4/8), vcpu, bool, str, reg (register offset), msr, mp_state, cap, ints, regs
+# (register table), chip, chipfields, inhibit, ns.
 _V = ("vcpu", True)
-OPS: dict[str, dict[str, tuple[str, bool]]] = {
-    "mmio_read": {"vcpu": ("vcpu", True), "offset": ("reg", True), "size": ("int", False)},
-    "mmio_write": {"vcpu": ("vcpu", True), "offset": ("reg", True), "value": ("int", True),
-                   "size": ("int", False)},
-    "rdmsr": {"vcpu": ("vcpu", True), "index": ("msr", True)},
-    "wrmsr": {"vcpu": ("vcpu", True), "index": ("msr", True), "value": ("int", True)},
-    "write_cr8": {"vcpu": ("vcpu", True), "value": ("int", True)},
-    "read_cr8": {"vcpu": ("vcpu", True)},
-    "take_interrupts": {"vcpu": ("vcpu", True), "limit": ("int", False), "eoi": ("bool", False)},
-    "get_lapic": {"vcpu": ("vcpu", True), "save": ("str", False)},
-    "set_lapic": {"vcpu": ("vcpu", True), "from": ("str", False), "file": ("str", False),
-                  "patch": ("regs", False)},
-    "get_msr": {"vcpu": ("vcpu", True), "index": ("msr", True)},
-    "set_msr": {"vcpu": ("vcpu", True), "index": ("msr", True), "value": ("int", True)},
-    "get_mp_state": {"vcpu": ("vcpu", True)},
-    "set_mp_state": {"vcpu": ("vcpu", True), "state": ("mp_state", True)},
-    "nmi": {"vcpu": ("vcpu", True)},
-    "setup_mce": {"vcpu": ("vcpu", True), "mcg_cap": ("int", True)},
-    "signal_msi": {"address_lo": ("int", True), "address_hi": ("int", False),
-                   "data": ("int", True), "flags": ("int", False)},
-    "advance": {"ns": ("int", True)},
-    "enable_cap": {"cap": ("cap", True), "args": ("ints", False)},
-    "set_or_clear_apicv_inhibit": {"reason": ("str", True), "set": ("bool", True)},
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    fields: dict[str, tuple[str, bool]]
+    call: Callable[[Runner, Any, dict[str, Any]], Any]
+    target: str = "vcpu"  # "vcpu": the step names one; "vm": the VM itself
+    expect: str = "int"  # int, vectors, regs, chipfields, mp_state, location, bool
+    guest: bool = False  # a guest operation: one KVM_RUN
+    model_only: bool = False  # a vCPU left resting in KVM_RUN (the real backend has none)
+    doc: str = ""
+
+
+def _set_irqchip(r: Runner, vm, a: dict[str, Any]) -> None:
+    fields = decode_irqchip(a["chip"], vm.get_irqchip(a["chip"]))
+    fields.update(a["patch"])
+    return vm.set_irqchip(a["chip"], encode_irqchip(a["chip"], fields))
+
+
+def _get_lapic(r: Runner, cpu, a: dict[str, Any]) -> bytes:
+    page = cpu.get_lapic()
+    if a.get("save"):
+        r.saved[a["save"]] = page
+    return page
+
+
+def _advance(r: Runner, vm, a: dict[str, Any]) -> None:
+    vm.clock.advance(a["ns"])
+
+
+def _location(method: str) -> Callable[[Runner, Any, dict[str, Any]], str]:
+    def call(r: Runner, cpu, a: dict[str, Any]) -> str:
+        if method == "enter_guest" or method == "halt":
+            getattr(cpu, method)(a.get("interrupts", True))
+        elif method == "leave_guest":
+            cpu.leave_guest()
+        return cpu.location
+    return call
+
+
+_SIZE = ("size", False)
+OP_TABLE: tuple[Op, ...] = (
+    # the guest: one KVM_RUN each
+    Op("mmio_read", {"vcpu": _V, "offset": ("reg", True), "size": _SIZE},
+       lambda r, c, a: c.mmio_read(a["offset"], a.get("size", 4)), guest=True),
+    Op("mmio_write", {"vcpu": _V, "offset": ("reg", True), "value": ("u64", True), "size": _SIZE},
+       lambda r, c, a: c.mmio_write(a["offset"], a["value"], a.get("size", 4)), guest=True),
+    Op("rdmsr", {"vcpu": _V, "index": ("msr", True)},
+       lambda r, c, a: c.rdmsr(a["index"]), guest=True),
+    Op("wrmsr", {"vcpu": _V, "index": ("msr", True), "value": ("u64", True)},
+       lambda r, c, a: c.wrmsr(a["index"], a["value"]), guest=True),
+    Op("write_cr8", {"vcpu": _V, "value": ("u64", True)},
+       lambda r, c, a: c.write_cr8(a["value"]), guest=True),
+    Op("read_cr8", {"vcpu": _V}, lambda r, c, a: c.read_cr8(), guest=True),
+    Op("take_interrupts", {"vcpu": _V, "limit": ("u32", False), "eoi": ("bool", False)},
+       lambda r, c, a: c.take_interrupts(a.get("limit"), a.get("eoi", True)),
+       expect="vectors", guest=True),
+    Op("run", {"vcpu": _V}, lambda r, c, a: c.run(), expect="vectors", guest=True),
+    Op("ioapic_read", {"vcpu": _V, "offset": ("u32", True), "size": _SIZE},
+       lambda r, c, a: c.ioapic_read(a["offset"], a.get("size", 4)), guest=True),
+    Op("ioapic_write", {"vcpu": _V, "offset": ("u32", True), "value": ("u64", True),
+                        "size": _SIZE},
+       lambda r, c, a: c.ioapic_write(a["offset"], a["value"], a.get("size", 4)), guest=True),
+    Op("inb", {"vcpu": _V, "port": ("u32", True)}, lambda r, c, a: c.inb(a["port"]), guest=True),
+    Op("outb", {"vcpu": _V, "port": ("u32", True), "value": ("u8", True)},
+       lambda r, c, a: c.outb(a["port"], a["value"]), guest=True),
+    Op("guest_load", {"vcpu": _V, "gpa": ("u64", True), "size": _SIZE},
+       lambda r, c, a: c.guest_load(a["gpa"], a.get("size", 4)), guest=True),
+    Op("guest_store", {"vcpu": _V, "gpa": ("u64", True), "value": ("u64", True), "size": _SIZE},
+       lambda r, c, a: c.guest_store(a["gpa"], a["value"], a.get("size", 4)), guest=True),
+    # vCPU ioctls
+    Op("get_lapic", {"vcpu": _V, "save": ("str", False)}, _get_lapic, expect="regs"),
+    Op("set_lapic", {"vcpu": _V, "from": ("str", False), "file": ("str", False),
+                     "patch": ("regs", False)},
+       lambda r, c, a: c.set_lapic(r.lapic_page(a))),
+    Op("get_msr", {"vcpu": _V, "index": ("msr", True)}, lambda r, c, a: c.get_msr(a["index"])),
+    Op("set_msr", {"vcpu": _V, "index": ("msr", True), "value": ("u64", True)},
+       lambda r, c, a: c.set_msr(a["index"], a["value"]), expect="bool"),
+    Op("get_mp_state", {"vcpu": _V}, lambda r, c, a: c.get_mp_state(), expect="mp_state"),
+    Op("set_mp_state", {"vcpu": _V, "state": ("mp_state", True)},
+       lambda r, c, a: c.set_mp_state(a["state"])),
+    Op("nmi", {"vcpu": _V}, lambda r, c, a: c.nmi()),
+    Op("setup_mce", {"vcpu": _V, "mcg_cap": ("u64", True)},
+       lambda r, c, a: c.setup_mce(a["mcg_cap"])),
+    Op("set_vapic_addr", {"vcpu": _V, "gpa": ("u64", True)},
+       lambda r, c, a: c.set_vapic_addr(a["gpa"])),
+    # VM ioctls and the VMM
+    Op("signal_msi", {"address_lo": ("u32", True), "address_hi": ("u32", False),
+                      "data": ("u32", True), "flags": ("u32", False)},
+       lambda r, vm, a: vm.signal_msi(a["address_lo"], a.get("address_hi", 0), a["data"],
+                                      a.get("flags", 0)), target="vm"),
+    Op("advance", {"ns": ("ns", True)}, _advance, target="vm"),
+    Op("enable_cap", {"cap": ("cap", True), "args": ("ints", False)},
+       lambda r, vm, a: vm.enable_cap(a["cap"], *a.get("args", [])), target="vm"),
+    Op("set_or_clear_apicv_inhibit", {"reason": ("inhibit", True), "set": ("bool", True)},
+       lambda r, vm, a: vm.set_or_clear_apicv_inhibit(a["reason"], a["set"]), target="vm"),
+    Op("irq_line", {"irq": ("u32", True), "level": ("u32", True)},
+       lambda r, vm, a: vm.irq_line(a["irq"], a["level"]), target="vm"),
+    Op("get_irqchip", {"chip": ("chip", True)}, lambda r, vm, a: vm.get_irqchip(a["chip"]),
+       target="vm", expect="chipfields"),
+    Op("set_irqchip", {"chip": ("chip", True), "patch": ("chipfields", True)}, _set_irqchip,
+       target="vm"),
+    Op("read_guest", {"gpa": ("u64", True), "size": _SIZE},
+       lambda r, vm, a: int.from_bytes(vm.read_guest(a["gpa"], a.get("size", 4)), "little"),
+       target="vm"),
+    Op("write_guest", {"gpa": ("u64", True), "value": ("u64", True), "size": _SIZE},
+       lambda r, vm, a: vm.write_guest(a["gpa"], a["value"].to_bytes(a.get("size", 4),
+                                                                      "little")),
+       target="vm"),
     # where a vCPU rests between steps (model only): each returns the vCPU's location
-    "enter_guest": {"vcpu": ("vcpu", True), "interrupts": ("bool", False)},
-    "halt": {"vcpu": ("vcpu", True), "interrupts": ("bool", False)},
-    "leave_guest": {"vcpu": ("vcpu", True)},
-    "location": {"vcpu": ("vcpu", True)},
-    "run": {"vcpu": ("vcpu", True)},
-    # the rest of the irqchip: IOAPIC and PIC (KVM_IRQ_LINE_STATUS, KVM_GET/SET_IRQCHIP, guest
-    # MMIO and port I/O), guest memory, VAPIC
-    "irq_line": {"irq": ("int", True), "level": ("int", True)},
-    "get_irqchip": {"chip": ("chip", True)},
-    "set_irqchip": {"chip": ("chip", True), "patch": ("chipfields", True)},
-    "ioapic_read": {"vcpu": ("vcpu", True), "offset": ("int", True), "size": ("int", False)},
-    "ioapic_write": {"vcpu": ("vcpu", True), "offset": ("int", True), "value": ("int", True),
-                     "size": ("int", False)},
-    "inb": {"vcpu": ("vcpu", True), "port": ("int", True)},
-    "outb": {"vcpu": ("vcpu", True), "port": ("int", True), "value": ("int", True)},
-    "guest_load": {"vcpu": ("vcpu", True), "gpa": ("int", True), "size": ("int", False)},
-    "guest_store": {"vcpu": ("vcpu", True), "gpa": ("int", True), "value": ("int", True),
-                    "size": ("int", False)},
-    "read_guest": {"gpa": ("int", True), "size": ("int", False)},
-    "write_guest": {"gpa": ("int", True), "value": ("int", True), "size": ("int", False)},
-    "set_vapic_addr": {"vcpu": ("vcpu", True), "gpa": ("int", True)},
-}
-# steps the real-KVM backend cannot take (it never leaves a vCPU resting in KVM_RUN)
-MODEL_ONLY_OPS = frozenset({"enter_guest", "halt", "leave_guest", "location"})
+    Op("enter_guest", {"vcpu": _V, "interrupts": ("bool", False)}, _location("enter_guest"),
+       expect="location", model_only=True),
+    Op("halt", {"vcpu": _V, "interrupts": ("bool", False)}, _location("halt"),
+       expect="location", model_only=True),
+    Op("leave_guest", {"vcpu": _V}, _location("leave_guest"), expect="location",
+       model_only=True),
+    Op("location", {"vcpu": _V}, _location("location"), expect="location", model_only=True),
+)
+OPS: dict[str, Op] = {op.name: op for op in OP_TABLE}
+MODEL_ONLY_OPS = frozenset(op.name for op in OP_TABLE if op.model_only)
+GUEST_OPS = frozenset(op.name for op in OP_TABLE if op.guest)
+VCPU_OPS = frozenset(op.name for op in OP_TABLE if op.target == "vcpu")
 LOCATIONS = ("host", "guest", "halted")
 COMMON = {"do", "expect", "expect_fault", "expect_errno", "note"}
-VCPU_OPS = {op for op, f in OPS.items() if "vcpu" in f}
+# the largest time step a scenario may take (the real backend sleeps that long)
+MAX_ADVANCE_NS = 3_600 * 10**9
 
 
 @dataclass
@@ -173,6 +252,8 @@ class Step:
     def describe(self) -> str:
         parts = []
         for k, v in self.args.items():
+            if k == "page":
+                continue
             if k == "patch":
                 parts.append("patch={" + ", ".join(f"{a}=..." for a in v) + "}")
             elif isinstance(v, int) and not isinstance(v, bool) and k not in ("vcpu", "size",
@@ -187,16 +268,14 @@ class Step:
 class Scenario:
     file: str
     description: str
-    vm: dict[str, Any]
+    vm: VmConfig
     steps: list[Step] = field(default_factory=list)
 
     def make_vm(self, backend: str = "model", **extra):
-        from .vm import Vm
+        """The scenario's VM on *backend* (*extra*: VmConfig fields to replace)."""
+        from .backends import Vm
 
-        opts = dict(self.vm)
-        nr = opts.pop("vcpus", 1)
-        opts.update(extra)
-        return Vm(nr, backend=backend, **opts)
+        return Vm(self.vm.replace(**extra) if extra else self.vm, backend=backend)
 
 
 # ---------------------------------------------------------------- parsing
@@ -234,9 +313,32 @@ def _parse_reg(v: Any, file, step, fld) -> int:
     return off
 
 
+_BITS = {"u8": 8, "u32": 32, "u64": 64}
+
+
 def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> Any:
     if kind == "int":
         return parse_int(v, file, step, fld)
+    if kind in _BITS:
+        n = parse_int(v, file, step, fld)
+        if not 0 <= n < 1 << _BITS[kind]:
+            raise _err(file, step, fld, f"{n:#x} does not fit in {_BITS[kind]} bits")
+        return n
+    if kind == "size":
+        n = parse_int(v, file, step, fld)
+        if n not in (1, 2, 4, 8):
+            raise _err(file, step, fld, f"an access size is 1, 2, 4 or 8 bytes, not {n}")
+        return n
+    if kind == "ns":
+        n = parse_int(v, file, step, fld)
+        if not 0 <= n <= MAX_ADVANCE_NS:
+            raise _err(file, step, fld, f"0 to {MAX_ADVANCE_NS} ns (an hour), not {n}")
+        return n
+    if kind == "inhibit":
+        try:
+            return ApicvInhibit.parse(v).name
+        except ValueError as e:
+            raise _err(file, step, fld, str(e)) from None
     if kind == "vcpu":
         n = parse_int(v, file, step, fld)
         if n < 0:
@@ -253,7 +355,10 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
     if kind == "reg":
         return _parse_reg(v, file, step, fld)
     if kind == "msr":
-        return parse_int(v, file, step, fld, MSR_NAMES)
+        n = parse_int(v, file, step, fld, MSR_NAMES)
+        if not 0 <= n <= 0xFFFFFFFF:
+            raise _err(file, step, fld, f"MSR index {n:#x} does not fit in 32 bits")
+        return n
     if kind == "mp_state":
         return parse_int(v, file, step, fld, MP_STATES)
     if kind == "cap":
@@ -261,7 +366,7 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
     if kind == "ints":
         if not isinstance(v, list):
             raise _err(file, step, fld, "expected a list of integers")
-        return [parse_int(x, file, step, fld) for x in v]
+        return [_parse_value("u64", x, file, step, fld) for x in v]
     if kind == "regs":
         return parse_regs(v, file, step, fld)
     if kind == "chip":
@@ -304,47 +409,49 @@ def parse_regs(v: Any, file, step, fld) -> dict[str, int]:
     return out
 
 
-def _parse_vm(t: Any, file: str) -> dict[str, Any]:
+def _parse_flags(v: Any, file: str, fld: str, names: dict[str, int]) -> int:
+    if isinstance(v, list):
+        flags = 0
+        for name in v:
+            flags |= parse_int(name, file, None, fld, names)
+        return flags
+    return parse_int(v, file, None, fld, names)
+
+
+def parse_vm_table(t: Any, file: str) -> VmConfig:
+    """A scenario's [vm] table as a VmConfig (each field named in an error)."""
     if t is None:
-        return {}
+        return VmConfig()
     if not isinstance(t, dict):
         raise _err(file, None, "vm", "expected a table")
     out: dict[str, Any] = {}
     for k, v in t.items():
         kind = VM_OPTIONS.get(k)
+        fld = f"vm.{k}"
         if kind is None:
-            raise _err(file, None, f"vm.{k}", f"unknown VM option (known: {', '.join(VM_OPTIONS)})")
+            raise _err(file, None, fld, f"unknown VM option (known: {', '.join(VM_OPTIONS)})")
         if kind == "x2apic_api":
-            if isinstance(v, list):
-                flags = 0
-                for name in v:
-                    flags |= parse_int(name, file, None, "vm.x2apic_api", X2APIC_API_FLAGS)
-                v = flags
-            else:
-                v = parse_int(v, file, None, "vm.x2apic_api", X2APIC_API_FLAGS)
+            v = _parse_flags(v, file, fld, X2APIC_API_FLAGS)
         elif kind == "quirks":
-            if isinstance(v, list):
-                q = 0
-                for name in v:
-                    q |= parse_int(name, file, None, f"vm.{k}", QUIRKS)
-                v = q
-            else:
-                v = parse_int(v, file, None, f"vm.{k}", QUIRKS)
-        elif kind is int:
-            v = parse_int(v, file, None, f"vm.{k}")
-        elif kind is bool:
+            v = _parse_flags(v, file, fld, QUIRKS)
+        elif kind == "int":
+            v = parse_int(v, file, None, fld)
+        elif kind == "bool":
             if not isinstance(v, bool):
-                raise _err(file, None, f"vm.{k}", "expected true or false")
-        elif kind is list:
+                raise _err(file, None, fld, "expected true or false")
+        elif kind == "ints":
             if not isinstance(v, list):
-                raise _err(file, None, f"vm.{k}", "expected a list")
-            v = [parse_int(x, file, None, f"vm.{k}") for x in v]
-        elif isinstance(kind, tuple) and v not in kind:
-            raise _err(file, None, f"vm.{k}", f"one of {', '.join(map(repr, kind))}")
-        out[k] = v
-    if out.get("vcpus", 1) < 0 or out.get("vcpus", 1) > 1024:
-        raise _err(file, None, "vm.vcpus", "between 0 and 1024")
-    return out
+                raise _err(file, None, fld, "expected a list")
+            v = tuple(parse_int(x, file, None, fld) for x in v)
+        elif kind in ("irqchip", "vm_type") and not isinstance(v, str | int):
+            raise _err(file, None, fld, "expected a name")
+        out["nr_vcpus" if k == "vcpus" else k] = v
+    try:
+        return VmConfig(**out)
+    except ValueError as e:
+        name = str(e).split("=", 1)[0]
+        raise _err(file, None, "vm." + ("vcpus" if name == "nr_vcpus" else name),
+                   str(e)) from None
 
 
 def parse(text: str, file: str = "<scenario>") -> Scenario:
@@ -360,12 +467,11 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
     for k in doc:
         if k not in ("description", "vm", "step"):
             raise _err(file, None, k, "unknown top-level key (expected description, vm, step)")
-    sc = Scenario(file, str(doc.get("description", "")), _parse_vm(doc.get("vm"), file))
+    sc = Scenario(file, str(doc.get("description", "")), parse_vm_table(doc.get("vm"), file))
     steps = doc.get("step", [])
     if not isinstance(steps, list):
         raise _err(file, None, "step", "use [[step]] tables")
-    nr = sc.vm.get("vcpus", 1)
-    ids = sc.vm.get("vcpu_ids", list(range(nr)))
+    ids = list(sc.vm.ids)
     for i, t in enumerate(steps, 1):
         if not isinstance(t, dict):
             raise _err(file, i, None, "a step must be a table")
@@ -374,14 +480,11 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
             raise _err(file, i, "do", "missing (which method to call)")
         if op not in OPS:
             raise _err(file, i, "do", f"unknown operation {op!r} (known: {', '.join(OPS)})")
-        spec = OPS[op]
+        spec = OPS[op].fields
         args: dict[str, Any] = {}
         st = Step(i, op, args)
         for k, v in t.items():
             if k in COMMON:
-                continue
-            if k == "save" and op == "get_lapic":
-                st.save = _parse_value("str", v, file, i, k)
                 continue
             if k not in spec:
                 raise _err(file, i, k, f"unknown field for {op} (fields: "
@@ -394,8 +497,16 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
             raise _err(file, i, "vcpu", f"no vCPU {args['vcpu']} (the VM has {ids})")
         if op == "set_irqchip":
             _check_chip_fields(args["chip"], args["patch"], file, i, "patch")
-        if op == "set_lapic" and ("from" in args) == ("file" in args):
-            raise _err(file, i, "from", "set_lapic needs exactly one of 'from' or 'file'")
+        if op == "get_lapic":
+            st.save = args.get("save")
+        if op == "set_lapic":
+            if ("from" in args) == ("file" in args):
+                raise _err(file, i, "from", "set_lapic needs exactly one of 'from' or 'file'")
+            if "file" in args:
+                args["page"] = _load_state_file(file, i, args["file"])
+        if op == "write_guest" and not args["value"] < 1 << (8 * args.get("size", 4)):
+            raise _err(file, i, "value", f"{args['value']:#x} does not fit in "
+                                         f"{args.get('size', 4)} bytes")
         if "expect" in t:
             st.has_expect = True
             st.expect = _parse_expect(op, t["expect"], file, i)
@@ -424,26 +535,32 @@ def _check_chip_fields(chip: int, table: dict[str, int], file, i, fld) -> None:
             raise _err(file, i, f"{fld}.{k}", f"{val:#x} does not fit in {width} bits")
 
 
+def _load_state_file(file: str, i: int, path: str) -> bytes:
+    """A set_lapic step's state file, read when the scenario is parsed."""
+    full = _relative(file, path)
+    try:
+        return bytes(LapicState.load(full))
+    except (StateError, OSError, ValueError) as e:
+        raise _err(file, i, "file", f"{path}: {e}") from None
+
+
 def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
-    if op == "get_lapic":
+    kind = OPS[op].expect
+    if kind == "regs":
         return parse_regs(v, file, i, "expect")
-    if op == "get_irqchip":
+    if kind == "chipfields":
         return _parse_value("chipfields", v, file, i, "expect")
-    if op in ("take_interrupts",):
+    if kind == "vectors":
         if not isinstance(v, list):
             raise _err(file, i, "expect", "expected a list of vectors")
         return [parse_int(x, file, i, "expect") for x in v]
-    if op == "get_mp_state":
+    if kind == "mp_state":
         return parse_int(v, file, i, "expect", MP_STATES)
-    if op in ("enter_guest", "halt", "leave_guest", "location"):
+    if kind == "location":
         if v not in LOCATIONS:
             raise _err(file, i, "expect", f"one of {', '.join(map(repr, LOCATIONS))}")
         return v
-    if op == "run":
-        if not isinstance(v, list):
-            raise _err(file, i, "expect", "expected a list of vectors")
-        return [parse_int(x, file, i, "expect") for x in v]
-    if op == "set_msr":
+    if kind == "bool":
         if not isinstance(v, bool):
             raise _err(file, i, "expect", "expected true or false")
         return v
@@ -530,107 +647,20 @@ class Runner:
         self.saved: dict[str, bytes] = {}
 
     def call(self, st: Step) -> Any:
-        vm = self.vm
+        """Carry out one step (its row of OP_TABLE) on the VM or on the vCPU it names."""
+        op = OPS[st.op]
         a = st.args
-        cpu = vm.vcpu(a["vcpu"]) if "vcpu" in a else None
-        op = st.op
-        if op == "mmio_read":
-            return cpu.mmio_read(a["offset"], a.get("size", 4))
-        if op == "mmio_write":
-            return cpu.mmio_write(a["offset"], a["value"], a.get("size", 4))
-        if op == "rdmsr":
-            return cpu.rdmsr(a["index"])
-        if op == "wrmsr":
-            return cpu.wrmsr(a["index"], a["value"])
-        if op == "write_cr8":
-            return cpu.write_cr8(a["value"])
-        if op == "read_cr8":
-            return cpu.read_cr8()
-        if op == "take_interrupts":
-            return cpu.take_interrupts(a.get("limit"), a.get("eoi", True))
-        if op == "get_lapic":
-            page = cpu.get_lapic()
-            if st.save:
-                self.saved[st.save] = page
-            return page
-        if op == "set_lapic":
-            return cpu.set_lapic(self.lapic_page(st))
-        if op == "get_msr":
-            return cpu.get_msr(a["index"])
-        if op == "set_msr":
-            return cpu.set_msr(a["index"], a["value"])
-        if op == "get_mp_state":
-            return cpu.get_mp_state()
-        if op == "set_mp_state":
-            return cpu.set_mp_state(a["state"])
-        if op == "nmi":
-            return cpu.nmi()
-        if op == "setup_mce":
-            return cpu.setup_mce(a["mcg_cap"])
-        if op == "signal_msi":
-            return vm.signal_msi(a["address_lo"], a.get("address_hi", 0), a["data"],
-                                 a.get("flags", 0))
-        if op == "advance":
-            vm.clock.advance(a["ns"])
-            return None
-        if op == "enable_cap":
-            return vm.enable_cap(a["cap"], *a.get("args", []))
-        if op == "set_or_clear_apicv_inhibit":
-            return vm.set_or_clear_apicv_inhibit(a["reason"], a["set"])
-        if op == "enter_guest":
-            cpu.enter_guest(a.get("interrupts", True))
-            return cpu.location
-        if op == "halt":
-            cpu.halt(a.get("interrupts", True))
-            return cpu.location
-        if op == "leave_guest":
-            cpu.leave_guest()
-            return cpu.location
-        if op == "location":
-            return cpu.location
-        if op == "run":
-            return cpu.run()
-        if op == "irq_line":
-            return vm.irq_line(a["irq"], a["level"])
-        if op == "get_irqchip":
-            return vm.get_irqchip(a["chip"])
-        if op == "set_irqchip":
-            fields = decode_irqchip(a["chip"], vm.get_irqchip(a["chip"]))
-            fields.update(a["patch"])
-            return vm.set_irqchip(a["chip"], encode_irqchip(a["chip"], fields))
-        if op == "ioapic_read":
-            return cpu.ioapic_read(a["offset"], a.get("size", 4))
-        if op == "ioapic_write":
-            return cpu.ioapic_write(a["offset"], a["value"], a.get("size", 4))
-        if op == "inb":
-            return cpu.inb(a["port"])
-        if op == "outb":
-            return cpu.outb(a["port"], a["value"])
-        if op == "guest_load":
-            return cpu.guest_load(a["gpa"], a.get("size", 4))
-        if op == "guest_store":
-            return cpu.guest_store(a["gpa"], a["value"], a.get("size", 4))
-        if op == "read_guest":
-            return int.from_bytes(vm.read_guest(a["gpa"], a.get("size", 4)), "little")
-        if op == "write_guest":
-            size = a.get("size", 4)
-            if not 0 <= a["value"] < 1 << (8 * size):
-                raise ValueError(f"value {a['value']:#x} does not fit in {size} bytes")
-            return vm.write_guest(a["gpa"], a["value"].to_bytes(size, "little"))
-        if op == "set_vapic_addr":
-            return cpu.set_vapic_addr(a["gpa"])
-        raise AssertionError(op)
+        target = self.vm.vcpu(a["vcpu"]) if op.target == "vcpu" else self.vm
+        return op.call(self, target, a)
 
-    def lapic_page(self, st: Step) -> bytes:
+    def lapic_page(self, a: dict[str, Any]) -> bytes:
         """The page a set_lapic step loads: a saved or file state with its patch applied."""
-        a = st.args
         if "from" in a:
             if a["from"] not in self.saved:
-                raise ScenarioError(self.sc.file, st.index, "from",
-                                    f"no state saved as {a['from']!r} by an earlier step")
+                raise ValueError(f"no state saved as {a['from']!r} by an earlier step")
             base = self.saved[a["from"]]
         else:
-            base = bytes(LapicState.load(_relative(self.sc.file, a["file"])))
+            base = a["page"]
         return _patched(base, a.get("patch", {}))
 
     def step(self, st: Step) -> Outcome:
@@ -661,9 +691,10 @@ class Runner:
         if e is not None:
             return f"unexpected error: {out.result_text()}"
         if st.has_expect:
-            if st.op == "get_lapic":
+            kind = OPS[st.op].expect
+            if kind == "regs":
                 return check_state_expect(out.value, st.expect)
-            if st.op == "get_irqchip":
+            if kind == "chipfields":
                 got = decode_irqchip(st.args["chip"], out.value)
                 bad = [f"{k} = {got[k]:#x}, expected {w:#x}" for k, w in st.expect.items()
                        if got[k] != w]
@@ -694,8 +725,6 @@ def _fmt(v: Any) -> str:
 
 
 def _relative(base_file: str, path: str) -> str:
-    import os
-
     if os.path.isabs(path):
         return path
     return os.path.join(os.path.dirname(os.path.abspath(base_file)), path)
