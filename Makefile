@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/apicv demo
 
+# ruff; the layer contracts (import-linter: the model never imports the faces or the real
+# backend, the real backend never imports the model); no foreign private access, module sizes
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) tools/check_seams.py
 
 # the guest test kernels `apicv boot` runs (freestanding C + assembly, the machine's gcc/ld)
 guests:

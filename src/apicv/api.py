@@ -226,7 +226,7 @@ class VmAPI(Protocol):
     trace: Any  # apicv.trace.Tracer or None
 
     def create_vcpu(self, vcpu_id: int) -> Any: ...           # KVM_CREATE_VCPU
-    def vcpu(self, vcpu_id: int) -> Any: ...                  # by vcpu_id (KeyError-free: KvmError)
+    def vcpu(self, vcpu_id: int) -> Any: ...                  # by vcpu_id (ValueError if none)
     def set_boot_cpu_id(self, vcpu_id: int) -> None: ...      # KVM_SET_BOOT_CPU_ID
     def check_extension(self, cap: int) -> int: ...           # KVM_CHECK_EXTENSION
     def enable_cap(self, cap: int, *args: int) -> None: ...   # KVM_ENABLE_CAP

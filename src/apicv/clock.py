@@ -60,7 +60,6 @@ class Clock:
         self.now = start_ns
         # a heap of (expires, seq, gen, timer); an entry whose gen is not the timer's is stale
         self.queue: list[tuple[int, int, int, HrTimer]] = []
-        self._queue = self.queue  # the former name (apicv.vm reads it); the same list
         self._seq = 0
         self.source = None
         self.after_fire = None  # called after each timer callback

@@ -2,6 +2,10 @@
 handled -- virtualized by the processor (VMX APIC virtualization, TPR shadow) or by a VM exit
 that KVM emulates -- with every VM exit counted by its VMX basic exit reason.
 
+Why this module is long: it is the simulated processor -- each guest operation, the VM exits it
+causes and the entries that follow (APIC-access, APIC-write, EOI-induced, TPR-below-threshold,
+MSR, CR8, I/O and window exits) -- and these steps call each other in the order the SDM gives.
+
 The guest is the small agent the real backend runs: it executes with RFLAGS.IF=0 except in
 interrupt windows; its interrupt handlers record the vector, EOI it (unless told not to) and
 IRET; its NMI handler records 2; its SMM handler is a bare RSM. A guest operation is one

@@ -23,7 +23,12 @@ Format (see README "Scenario format" and examples/)::
 Optional on any step: ``expect`` (return value; for get_lapic a table of register values),
 ``expect_fault`` (the guest #GP vector), ``expect_errno`` (an errno name such as "EINVAL"),
 ``save`` (get_lapic: keep the page under a name for a later set_lapic ``from``), ``note``.
-Unknown keys and bad values are errors that name the file, the step and the field.
+Unknown keys and bad values are errors that name the file, the step and the field; the
+whole file is checked (values, ranges, state files) before any step runs.
+
+Why this module is long: the name tables, the operation table and the parser that checks every
+field against it, and the runner that calls the table, are one format's definition; the
+table keeps each operation's facts on one line, the rest is what reading TOML safely costs.
 """
 
 from __future__ import annotations

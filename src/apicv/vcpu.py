@@ -4,6 +4,11 @@ This is the x86.c half of the picture (``kvm_vcpu_reset``, ``kvm_apic_accept_eve
 ``process_nmi``, ``kvm_check_and_inject_events``, ``vcpu_enter_guest``, ``vcpu_block``,
 ``KVM_GET/SET_MP_STATE``, the MSR paths) around one :class:`LocalApic` and its VMX state
 (:class:`~apicv.vmx.vmx.VmxVcpu`). What the guest does is in :mod:`apicv.guest`.
+
+Why this module is long: ``struct kvm_vcpu_arch``'s event state, the vCPU ioctls and the
+entry path (``vcpu_run``, ``vcpu_enter_guest``, ``kvm_check_and_inject_events``, and the same
+path offered to a VMM as :meth:`Vcpu.prepare_entry` / :meth:`Vcpu.inject_interrupt`) share
+that state field by field, as x86.c does; split apart they would each reach into the others.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ narrow :class:`DevicePort`.
 
 ``apicv.Vm(..., backend=...)`` (:mod:`apicv.backends`) chooses between this class and the real
 KVM backend; both implement :class:`apicv.api.VmAPI`.
+
+Why this module is long: it is ``struct kvm`` -- the VM ioctls, the APICv inhibit and IOAPIC-scan
+machinery and the settle point all act on the same VM-wide state, and keeping them together
+keeps the one place where an operation's effects are settled visible beside what it settles.
 """
 
 from __future__ import annotations
