@@ -460,11 +460,19 @@ def parse_vm_table(t: Any, file: str) -> VmConfig:
 
 
 def parse(text: str, file: str = "<scenario>") -> Scenario:
+    """Parse and validate a scenario; any defect is a :class:`ScenarioError` naming *file*
+    (a document nested too deeply for the parser, e.g. ``x = [[[...]]]`` or an ``expect``
+    table hundreds deep, included)."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _err(file, None, None, f"not valid TOML: {e}") from None
-    return parse_doc(doc, file)
+    except RecursionError:
+        raise _err(file, None, None, "not valid TOML: nested too deeply") from None
+    try:
+        return parse_doc(doc, file)
+    except RecursionError:
+        raise _err(file, None, None, "nested too deeply") from None
 
 
 def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
@@ -573,13 +581,35 @@ def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
 
 
 def load(path: str) -> Scenario:
+    """Read and parse a scenario file: a regular UTF-8 file of at most 256 MiB (a million
+    steps are ~60 MiB); a directory, a FIFO (which would block) or /dev/zero (which never
+    ends) is refused before it is read."""
+    import os
+    import stat
+
+    limit = 256 << 20
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ScenarioError(path, None, None, "cannot read: is a directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise ScenarioError(path, None, None, "cannot read: not a regular file")
+            if st.st_size > limit:
+                raise ScenarioError(path, None, None, f"{st.st_size} bytes: larger than "
+                                    f"{limit >> 20} MiB")
+            data = f.read(limit + 1)
     except OSError as e:
         raise ScenarioError(path, None, None, f"cannot read: {e.strerror}") from None
+    if len(data) > limit:
+        raise ScenarioError(path, None, None, f"larger than {limit >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ScenarioError(path, None, None, "not a UTF-8 text file") from None
+    del data
     return parse(text, path)
 
 
