@@ -26,10 +26,13 @@ from typing import Any, Protocol, runtime_checkable
 
 from . import uapi as U
 
-__all__ = ["ClockAPI", "RestingVcpuAPI", "VcpuAPI", "VmAPI", "VmConfig", "MAX_VCPUS"]
+__all__ = ["ClockAPI", "IrqchipRoute", "MsiRoute", "RestingVcpuAPI", "VcpuAPI", "VmAPI",
+           "VmConfig", "MAX_VCPUS", "KVM_MAX_IRQ_ROUTES"]
 
 MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS on these hosts
 MAX_VCPU_ID = 4096  # KVM_CAP_MAX_VCPU_ID
+KVM_MAX_IRQ_ROUTES = 4096  # KVM_CAP_IRQ_ROUTING on x86
+_U32 = 0xFFFFFFFF
 
 
 def _opt(default: Any, kind: str, doc: str) -> Any:
@@ -67,6 +70,8 @@ class VmConfig:
     smm: bool | None = _opt(None, "bool", "CONFIG_KVM_SMM / KVM_CAP_X86_SMM (model: True)")
     supported_mce_cap: int | None = _opt(None, "int", "KVM_X86_GET_MCE_CAP_SUPPORTED")
     irqchip: str = _opt("kernel", "irqchip", "'kernel' (KVM_CREATE_IRQCHIP) or 'split'")
+    reserved_ioapic_pins: int = _opt(24, "int", "KVM_CAP_SPLIT_IRQCHIP: GSIs below this are "
+                                     "the userspace IOAPIC's (split irqchip only)")
     vm_type: str | int = _opt("default", "vm_type", "KVM_CREATE_VM type: 'default' or 'tdx'")
     trace: bool = _opt(False, "bool", "record the model's trace (the real backend has none)")
 
@@ -107,6 +112,9 @@ class VmConfig:
         need(self.supported_mce_cap is None or 0 <= self.supported_mce_cap < 1 << 64,
              "supported_mce_cap", "a 64-bit MCG_CAP mask")
         need(self.irqchip in ("kernel", "split"), "irqchip", "'kernel' or 'split'")
+        # KVM_CAP_SPLIT_IRQCHIP: args[0] > MAX_NR_RESERVED_IOAPIC_PINS is EINVAL
+        need(0 <= self.reserved_ioapic_pins <= KVM_MAX_IRQ_ROUTES, "reserved_ioapic_pins",
+             f"0 to {KVM_MAX_IRQ_ROUTES}")
         if isinstance(self.vm_type, str):
             need(self.vm_type.lower() in U.VM_TYPE_NAMES, "vm_type",
                  f"one of {', '.join(U.VM_TYPE_NAMES)}")
@@ -148,6 +156,56 @@ class VmConfig:
         if isinstance(self.vm_type, str):
             return U.VM_TYPE_NAMES[self.vm_type.lower()]
         return self.vm_type
+
+
+def _u32(owner: str, **fields: int) -> None:
+    for name, v in fields.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U32:
+            raise ValueError(f"{owner}.{name}={v!r}: a u32 field of struct kvm_irq_routing_entry")
+
+
+@dataclass(frozen=True, slots=True)
+class MsiRoute:
+    """A KVM_IRQ_ROUTING_MSI entry of KVM_SET_GSI_ROUTING (``struct kvm_irq_routing_msi``).
+    *devid* is KVM_MSI_VALID_DEVID's device id (x86 KVM refuses it: EINVAL)."""
+
+    gsi: int
+    address_lo: int
+    address_hi: int = 0
+    data: int = 0
+    devid: int | None = None
+
+    def __post_init__(self) -> None:
+        _u32("MsiRoute", gsi=self.gsi, address_lo=self.address_lo, address_hi=self.address_hi,
+             data=self.data, **({} if self.devid is None else {"devid": self.devid}))
+
+
+@dataclass(frozen=True, slots=True)
+class IrqchipRoute:
+    """A KVM_IRQ_ROUTING_IRQCHIP entry: GSI *gsi* drives *pin* of *irqchip*
+    (0 PIC master, 1 PIC slave, 2 IOAPIC)."""
+
+    gsi: int
+    irqchip: int
+    pin: int
+
+    def __post_init__(self) -> None:
+        _u32("IrqchipRoute", gsi=self.gsi, irqchip=self.irqchip, pin=self.pin)
+
+
+def default_routing() -> tuple[IrqchipRoute, ...]:
+    """KVM's default routing (``default_routing[]``, ROUTING_ENTRY2/ROUTING_ENTRY1): GSI 0-15 to
+    the IOAPIC pin of the same number and to pin n % 8 of the master (0-7) or slave (8-15) PIC,
+    GSI 16-23 to the IOAPIC only. KVM_CREATE_IRQCHIP installs it; a split irqchip starts with
+    no routes."""
+    routes: list[IrqchipRoute] = []
+    for gsi in range(24):
+        routes.append(IrqchipRoute(gsi, 2, gsi))
+        if gsi < 8:
+            routes.append(IrqchipRoute(gsi, 0, gsi))
+        elif gsi < 16:
+            routes.append(IrqchipRoute(gsi, 1, gsi - 8))
+    return tuple(routes)
 
 
 @runtime_checkable
