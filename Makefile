@@ -33,4 +33,4 @@ bench: $(STAMP) guests
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build out src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,11 +1,15 @@
 """The ``apicv`` command line: demo, run, state decode/diff (and, with the KVM backend,
 crosscheck and fuzz). Every error a user can cause is printed as one readable line and a
-non-zero exit status, never as a traceback."""
+non-zero exit status, never as a traceback: 2 for bad input, 130 after Ctrl-C, 70 for a bug
+(``internal error: ...``; ``APICV_DEBUG=1`` shows its traceback instead)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
+import time
 from importlib import resources
 
 from . import uapi as U
@@ -17,6 +21,9 @@ from .state import LapicState, diff, vectors_of
 class Out:
     """Tables and text through rich when it is installed, plain text otherwise."""
 
+    # a plain-text column wider than this wraps onto continuation lines (the last is free)
+    PLAIN_MAX_WIDTH = 48
+
     def __init__(self, plain: bool = False) -> None:
         self.console = None
         if not plain:
@@ -26,6 +33,10 @@ class Out:
                 self.console = Console(highlight=False)
             except ImportError:
                 pass
+            else:
+                # rich turns a closed pipe into SystemExit(1); main() handles it as any
+                # other command does (quietly, status 0)
+                self.console.on_broken_pipe = _raise_broken_pipe
 
     def print(self, text: str = "", style: str | None = None) -> None:
         if self.console is not None:
@@ -45,19 +56,114 @@ class Out:
 
             t = Table(title=title, show_lines=False)
             for h in headers:
-                t.add_column(h)
+                t.add_column(h, overflow="fold")  # wrap what is too long, never cut it
             for r in rows:
                 t.add_row(*r)
             self.console.print(t)
             return
         if title:
             print(title)
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+        cap = self.PLAIN_MAX_WIDTH
+        widths = [min(cap, max(len(h), *(len(r[i]) for r in rows)) if rows else len(h))
                   for i, h in enumerate(headers)]
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-        print("  ".join("-" * w for w in widths))
+        for line in plain_lines(headers, widths):
+            print(line)
+        print("  ".join("-" * w for w in widths).rstrip())
         for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+            for line in plain_lines(r, widths):
+                print(line)
+
+
+def _raise_broken_pipe() -> None:
+    raise BrokenPipeError
+
+
+def plain_lines(cells: list[str], widths: list[int], free_last: bool = True) -> list[str]:
+    """One table row as text lines: each cell padded to its column's width, a longer one
+    wrapped onto continuation lines (the last column is neither padded nor, if *free_last*,
+    wrapped)."""
+    parts = []
+    last = len(cells) - 1
+    for i, (c, w) in enumerate(zip(cells, widths, strict=True)):
+        if (i == last and free_last) or len(c) <= w:
+            parts.append([c])
+        else:
+            parts.append(textwrap.wrap(c, w, break_on_hyphens=False) or [""])
+    lines = []
+    for k in range(max(len(p) for p in parts)):
+        line = "  ".join((p[k] if k < len(p) else "").ljust(w)
+                         for p, w in zip(parts, widths, strict=True))
+        lines.append(line.rstrip())
+    return lines
+
+
+class StepTable:
+    """The step lines of a scenario run, printed while it runs: a scenario of a million
+    steps shows its progress at once and keeps no rows in memory but a block of them. The
+    columns have fixed widths (what is longer wraps; a state dump is cut, with its length):
+    plain text prints a row per step; rich prints blocks of rows (up to BLOCK, or what came
+    in FLUSH_S seconds) as styled text -- a rich Table per block costs ~1 ms a row."""
+
+    HEADERS = ["#", "on", "call", "result", "", "note"]
+    PLAIN_WIDTHS = (0, 7, 40, 24, 4, 0)  # 0: the step number's digits; the note is free
+    BLOCK = 200
+    FLUSH_S = 0.1
+
+    def __init__(self, out: Out, title: str, nsteps: int) -> None:
+        self.out = out
+        digits = len(str(max(nsteps, 1)))
+        self.rows: list[list[str]] = []
+        self.since = 0.0
+        console = out.console
+        if console is None:
+            self.widths = [digits, *self.PLAIN_WIDTHS[1:]]
+        else:
+            flex = max(30, console.width - digits - 7 - 4 - 2 * 5)
+            call, result = flex * 2 // 5, flex // 4
+            self.widths = [digits, 7, call, result, 4, flex - call - result]
+        out.print(title, style="bold")
+        head = plain_lines(["#".rjust(digits), *self.HEADERS[1:]], self.widths)
+        rule = "  ".join("-" * w for w in self.widths[:-1]) + "  " + "-" * max(
+            4, self.widths[-1])
+        if console is None:
+            print("\n".join([*head, rule]))
+        else:
+            out.print("\n".join(head), style="bold")
+            out.print(rule.replace("-", "\u2500"), style="dim")
+
+    def result(self, text: str) -> str:
+        """A result longer than two lines of its column (a state dump) is cut."""
+        most = max(2 * self.widths[3], 24)
+        if len(text) <= most:
+            return text
+        tail = f"... ({len(text)} chars)"
+        return text[:most - len(tail)] + tail
+
+    def add(self, row: list[str]) -> None:
+        row[0] = row[0].rjust(self.widths[0])
+        row[3] = self.result(row[3])
+        if self.out.console is None:
+            print("\n".join(plain_lines(row, self.widths)))
+            return
+        now = time.monotonic()
+        if not self.rows:
+            self.since = now
+        self.rows.append(row)
+        if len(self.rows) >= self.BLOCK or now - self.since >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        from rich.text import Text
+
+        text = Text(end="")
+        for r in self.rows:
+            style = {"FAIL": "bold red", "skip": "yellow"}.get(r[4])
+            text.append("\n".join(plain_lines(r, self.widths, free_last=False)) + "\n",
+                        style=style)
+        self.rows = []
+        self.out.console.print(text, soft_wrap=True)
 
 
 def _vec_list(v: int) -> str:
@@ -92,6 +198,37 @@ def vcpu_table(vm) -> tuple[list[str], list[list[str]]]:
 
 
 # ---------------------------------------------------------------- commands
+# results that are statuses or counts, printed in decimal: KVM_IRQ_LINE_STATUS (-1 coalesced,
+# 0 masked, > 0 delivered) and the number of APICs that accepted an MSI
+DECIMAL_RESULTS = {"irq_line", "signal_msi"}
+
+
+def result_text(o) -> str:
+    v = o.value
+    if (o.step.op in DECIMAL_RESULTS and o.error is None and o.skipped is None
+            and isinstance(v, int) and not isinstance(v, bool)):
+        return str(v)
+    return o.result_text()
+
+
+def check_writable(path: str, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a missing
+    directory, a directory, a file without write permission (nothing is left behind)."""
+    if os.path.isdir(path):
+        raise ApicvError(f"{option} {path}: is a directory")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise ApicvError(f"{option} {path}: no directory {parent}")
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ApicvError(f"{option} {path}: cannot write: {e.strerror}") from None
+    if not existed:
+        os.unlink(path)
+
+
 def _run_scenario(sc, out: Out, backend: str, trace: bool, trace_out: str | None,
                   quiet: bool = False) -> int:
     from .scenario import Runner
@@ -101,21 +238,20 @@ def _run_scenario(sc, out: Out, backend: str, trace: bool, trace_out: str | None
         tracer = vm.enable_tracing() if (trace or trace_out) else None
         runner = Runner(sc, vm)
         failures = 0
-        rows = []
         skipped = None
+        steps = None if quiet else StepTable(out, f"{sc.file} ({backend})", len(sc.steps))
         for o in runner.run():
             status = "ok" if o.failure is None else "FAIL"
             if o.skipped:
                 status, skipped = "skip", o
             if o.failure:
                 failures += 1
-            if not quiet:
+            if steps is not None:
                 who = f"vcpu {o.step.args['vcpu']}" if "vcpu" in o.step.args else "vm"
-                rows.append([str(o.step.index), who, o.step.describe(), o.result_text(), status,
-                             o.failure or o.skipped or o.step.note])
-        if not quiet:
-            out.table(["#", "on", "call", "result", "", "note"], rows,
-                      title=f"{sc.file} ({backend})")
+                steps.add([str(o.step.index), who, o.step.describe(), result_text(o), status,
+                           o.failure or o.skipped or o.step.note])
+        if steps is not None:
+            steps.flush()
         if tracer is not None and trace:
             out.rule("trace (tracepoint format, virtual time)")
             for line in tracer.lines():
@@ -165,6 +301,8 @@ def exit_comparison(sc) -> tuple[list[str], list[list[str]]]:
 def cmd_demo(args, out: Out) -> int:
     from .scenario import parse
 
+    if args.trace_out:
+        check_writable(args.trace_out, "--trace-out")
     text = resources.files("apicv").joinpath("data/demo.toml").read_text()
     sc = parse(text, "demo.toml")
     out.print(sc.description)
@@ -178,6 +316,8 @@ def cmd_demo(args, out: Out) -> int:
 def cmd_run(args, out: Out) -> int:
     from .scenario import load
 
+    if args.trace_out:
+        check_writable(args.trace_out, "--trace-out")
     status = 0
     for path in args.files:
         sc = load(path)
@@ -209,22 +349,43 @@ def cmd_state_diff(args, out: Out) -> int:
     return 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (and exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+BACKEND_HELP = ("model: the apicv model (default); kvm: the real KVM through /dev/kvm, "
+                "running a small guest agent")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apicv", description="KVM local-APIC model: "
-                                "run scenarios, read LAPIC states, check against the real KVM.")
+    p = _Parser(prog="apicv", description="KVM local-APIC model: "
+                "run scenarios, read LAPIC states, check against the real KVM.")
     p.add_argument("--plain", action="store_true", help="plain text output (no colours)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     d = sub.add_parser("demo", help="run the built-in 4-vCPU demo and print its trace")
     d.add_argument("--trace-out", metavar="FILE.json", help="write a Perfetto/Chrome timeline")
-    d.add_argument("--backend", default="model", choices=["model", "kvm"])
+    d.add_argument("--backend", default="model", choices=["model", "kvm"], help=BACKEND_HELP)
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="run scenario files (TOML)")
     r.add_argument("files", nargs="+", metavar="FILE.toml")
     r.add_argument("--trace", action="store_true", help="print the trace")
     r.add_argument("--trace-out", metavar="FILE.json", help="write a Perfetto/Chrome timeline")
-    r.add_argument("--backend", default="model", choices=["model", "kvm"])
+    r.add_argument("--backend", default="model", choices=["model", "kvm"], help=BACKEND_HELP)
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("state", help="decode or diff KVM_GET_LAPIC states (1024-byte files)")
@@ -246,9 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fuzz", help="random scenarios on both backends; a disagreement is "
                        "shrunk and written out as a scenario file")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--count", type=int, default=200, help="scenarios to try")
-    f.add_argument("--steps", type=int, default=20, help="at most this many steps each")
+    f.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed gives the same scenarios (default 0)")
+    f.add_argument("--count", type=positive_int, default=200,
+                   help="scenarios to try (default 200)")
+    f.add_argument("--steps", type=positive_int, default=20,
+                   help="at most this many steps each (default 20)")
     f.add_argument("--out", default="fuzz-disagreement.toml",
                    help="where to write a shrunk disagreement")
     f.add_argument("--model-apicv", action="store_true",
@@ -280,6 +444,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _PipeSafe:
+    """The guest's serial output stream: a reader that went away (``apicv boot ... | head``)
+    ends the output, not the guest's run, whose status stays the exit status."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            try:
+                self.stream.write(data)
+            except BrokenPipeError:
+                self._close()
+
+    def flush(self) -> None:
+        if not self.closed:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        _stdout_to_devnull()
+
+
 def cmd_boot(args, out: Out) -> int:
     """Boot a kernel; the exit status is the guest's (isa-debug-exit), 124 on timeout."""
     from .vmm import STATUS_ERROR, boot
@@ -292,13 +483,19 @@ def cmd_boot(args, out: Out) -> int:
             if "=" not in kv or not kv.split("=", 1)[0]:
                 raise ApicvError(f"--env {kv!r}: expected KEY=VAL")
         initrd = "".join(f"{kv}\n" for kv in args.env).encode()
+    if args.trace_out:
+        check_writable(args.trace_out, "--trace-out")
     try:
         res = boot(args.kernel, smp=args.smp, memory_mb=args.memory, x2apic=args.x2apic,
                    tsc_deadline=args.tsc_deadline, append=args.append, initrd=initrd,
                    timeout=args.timeout, irqchip=args.irqchip, trace_out=args.trace_out,
-                   out=sys.stdout.buffer)
+                   out=_PipeSafe(sys.stdout.buffer))
     except (ApicvError, KeyboardInterrupt):
         raise
+    except OSError as e:
+        if e.filename is None:  # not a file the user named (say, an ioctl): a VMM bug
+            raise
+        raise ApicvError(f"{e.filename}: {e.strerror}") from None
     except Exception as e:  # a VMM bug must not exit 1, which is the guest's "passed"
         print(f"apicv boot: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return STATUS_ERROR
@@ -335,19 +532,41 @@ def cmd_crosscheck(args, out: Out) -> int:
 
 
 def cmd_fuzz(args, out: Out) -> int:
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        raise ApicvError("apicv fuzz needs hypothesis: pip install 'apicv[fuzz]'") from None
     from .fuzz import fuzz
 
+    if args.out:
+        check_writable(args.out, "--out")
     _need_kvm()
     return fuzz(seed=args.seed, count=args.count, max_steps=args.steps, out_path=args.out,
-                out=out, model_apicv=args.model_apicv)
+                out=out, quiet=out.console is None, model_apicv=args.model_apicv)
+
+
+def _stdout_to_devnull() -> None:
+    """After a closed pipe: what is still buffered for stdout, and Python's flush of it at
+    exit, go nowhere instead of raising BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    out = Out(plain=args.plain)
+    """The ``apicv`` command. Every way out is an exit status and at most one line on
+    stderr: 2 for an error the user can fix, 130 after Ctrl-C, 0 when the reader of stdout
+    went away (``apicv demo | head -1``), 70 for a bug (``APICV_DEBUG=1`` re-raises it)."""
     try:
-        return args.func(args, out)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        out = Out(plain=args.plain)
+        status = args.func(args, out)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return status
     except ApicvError as e:
         print(f"apicv: error: {e}", file=sys.stderr)
         return 2
@@ -355,7 +574,32 @@ def main(argv: list[str] | None = None) -> int:
         print("apicv: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _stdout_to_devnull()
         return 0
+    except RecursionError as e:
+        if os.environ.get("APICV_DEBUG") == "1":
+            raise
+        print(f"apicv: error: input nested too deeply ({e})", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if os.environ.get("APICV_DEBUG") == "1" or e.filename is None:
+            return _internal_error(e)
+        print(f"apicv: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        return _internal_error(e)
+
+
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error
+
+
+def _internal_error(e: BaseException) -> int:
+    if os.environ.get("APICV_DEBUG") == "1":
+        raise e
+    msg = " ".join(str(e).split()) or "(no message)"
+    print(f"apicv: internal error: {type(e).__name__}: {msg} (please report it; "
+          "APICV_DEBUG=1 shows the traceback)", file=sys.stderr)
+    return EXIT_SOFTWARE
 
 
 if __name__ == "__main__":

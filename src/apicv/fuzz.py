@@ -9,7 +9,7 @@ interrupt windows). Timers are either immediate or far away, so wall time cannot
 outcome; interrupt windows always EOI (host difference H1: with vectors left in service the
 host cannot be compared).
 
-Needs hypothesis (installed with the ``test`` extra); the model itself does not.
+Needs hypothesis (the ``fuzz`` extra, also in ``test``); the model itself does not.
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
     from hypothesis import HealthCheck, Phase, find, settings
     from hypothesis.errors import NoSuchExample
 
-    from .crosscheck import Crosscheck, format_report, probe_host
+    from .crosscheck import Crosscheck, probe_host
 
     printer = out.print if out is not None else print
     diffs = probe_host()
@@ -384,30 +384,56 @@ def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
                    phases=[Phase.generate, Phase.shrink],
                    suppress_health_check=list(HealthCheck))
     t0 = time.perf_counter()
+    interrupted = False
     try:
         find(scenarios(max_steps), disagrees, settings=cfg, random=random.Random(seed))
         found = True
     except NoSuchExample:
         found = False
-    progress.close()
+    except KeyboardInterrupt:
+        # Ctrl-C: the summary of what ran, and a disagreement found (shrunk as far as it
+        # got), are still printed; the caller then exits as interrupted
+        interrupted = True
+        found = "doc" in last
+    finally:
+        progress.close()
     dt = time.perf_counter() - t0
     printer(f"fuzz: seed {seed}: {stats.cases} cases, {stats.steps} steps compared in "
             f"{dt:.1f} s ({stats.steps / dt if dt else 0:.0f} steps/s); "
             f"{stats.stopped} stopped at a named difference{_reasons(stats)}; "
-            f"{stats.not_run} not runnable; {stats.disagreements} disagreement(s)")
-    if not found:
-        return 0
-    doc = dict(last["doc"])
-    doc["description"] = (f"apicv fuzz --seed {seed}{' --model-apicv' if model_apicv else ''}: "
-                          "shrunk disagreement between the model and the real KVM")
-    text = to_toml(doc)
-    if out_path:
-        with open(out_path, "w") as f:
-            f.write(text)
-        printer(f"wrote the shrunk scenario to {out_path} (replay: apicv crosscheck {out_path})")
+            f"{stats.not_run} not runnable; {stats.disagreements} disagreement(s)"
+            + ("; interrupted" if interrupted else ""))
+    if found:
+        _report(last, seed, model_apicv, out_path, printer,
+                shrunk="" if not interrupted else " (shrinking was interrupted)")
+    if interrupted:
+        raise KeyboardInterrupt
+    return 1 if found else 0
+
+
+def _report(last: dict[str, Any], seed: int, model_apicv: bool, out_path: str | None,
+            printer, shrunk: str) -> None:
+    """The disagreement first (it must be seen even if the file cannot be written), then the
+    scenario file that replays it."""
+    from .crosscheck import format_report
+
     for line in format_report(last["res"]):
         printer(line)
-    return 1
+    doc = dict(last["doc"])
+    doc["description"] = (f"apicv fuzz --seed {seed}{' --model-apicv' if model_apicv else ''}: "
+                          f"shrunk{shrunk} disagreement between the model and the real KVM")
+    text = to_toml(doc)
+    if out_path:
+        try:
+            with open(out_path, "w") as f:
+                f.write(text)
+        except OSError as e:
+            printer(f"could not write the scenario to {out_path}: {e.strerror}; here it is:")
+            for line in text.splitlines():
+                printer(line)
+            return
+        printer(f"wrote the shrunk scenario{shrunk} to {out_path} "
+                f"(replay: apicv crosscheck {out_path})")
 
 
 class _Progress:
