@@ -322,7 +322,7 @@ def test_vm_ioctl_errors():
 
 def test_options_the_host_cannot_honour():
     """Module parameters and the TSC rate are the host's: other values are refused, the
-    host's own are accepted; the split irqchip is not implemented."""
+    host's own are accepted; a split irqchip is a VM without the in-kernel PIC/IOAPIC."""
     with KvmVm(1) as v:
         params = dict(v.host_parameters)
         khz = v.tsc_khz
@@ -334,8 +334,10 @@ def test_options_the_host_cannot_honour():
         KvmVm(1, enable_apicv=not params["enable_apicv"])
     with pytest.raises(ValueError):
         KvmVm(1, min_timer_period_us=params["min_timer_period_us"] + 1)
-    with pytest.raises(NotImplementedError):
-        KvmVm(1, irqchip="split")
+    with KvmVm(1, irqchip="split") as v:
+        assert v.config.irqchip == "split"
+        with pytest.raises(KvmError):
+            v.get_irqchip(2)
 
 
 def test_maxphyaddr_bounds_apic_base():

@@ -1,10 +1,12 @@
 """The real-KVM VM: :class:`KvmVm` drives /dev/kvm with the API of :class:`apicv.api.VmAPI`.
 
 A :class:`KvmVm` is created from a :class:`~apicv.api.VmConfig` (or the same options as
-keyword arguments): one VM with an in-kernel irqchip, guest RAM laid out for the guest agent
-(:mod:`apicv.kvm.agent`) and its vCPUs (:class:`~apicv.kvm.vcpu.KvmVcpu`). Its ``config`` is
-the resolved one -- every "the backend's own value" replaced by what this host has -- so that
-``apicv.Vm(kvm_vm.config)`` is a model of this host. :class:`KvmClock` is its wall clock.
+keyword arguments): one VM with an in-kernel irqchip (KVM_CREATE_IRQCHIP, or with
+``irqchip="split"`` KVM_CAP_SPLIT_IRQCHIP: the LAPICs in KVM, no PIC or IOAPIC), guest RAM
+laid out for the guest agent (:mod:`apicv.kvm.agent`) and its vCPUs
+(:class:`~apicv.kvm.vcpu.KvmVcpu`). Its ``config`` is the resolved one -- every "the backend's
+own value" replaced by what this host has -- so that ``apicv.Vm(kvm_vm.config)`` is a model of
+this host. :class:`KvmClock` is its wall clock.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from typing import Any
 
 from .. import uapi as MU
-from ..api import VmConfig
+from ..api import IrqchipRoute, MsiRoute, VmConfig, default_routing
 from ..errors import ApicvError, KvmError
 from ..memory import in_ram
 from . import agent as G
@@ -89,7 +91,11 @@ class KvmVm:
     parameters (``enable_apicv``, ``flexpriority``, ``vector_hashing``,
     ``min_timer_period_us``, ``lapic_timer_advance``), ``tsc_khz``, ``smm`` and
     ``supported_mce_cap`` -- may be None (the default) or the host's value; anything else
-    raises ValueError. ``irqchip="split"`` and confidential VM types are not implemented.
+    raises ValueError. ``irqchip="split"`` enables KVM_CAP_SPLIT_IRQCHIP with
+    ``reserved_ioapic_pins`` instead of KVM_CREATE_IRQCHIP: no in-kernel PIC or IOAPIC
+    (get/set_irqchip fail with ENXIO, the guest's IOAPIC and PIC accesses exit to userspace
+    as MmioExit/IoExit), an empty routing table, level EOIs of reserved GSIs' MSI routes
+    reported by ``vcpu.pop_exits()``. Confidential VM types are not implemented.
     ``trace=True`` is accepted but there is no tracing on this backend (``vm.trace`` is None).
 
     ``config`` is the resolved config: the host's values in place of every None.
@@ -119,9 +125,9 @@ class KvmVm:
             raise NotImplementedError(f"VM type {cfg.vm_type_number} (confidential VMs: "
                                       "KVM_TDX_INIT_VM, ...) is not implemented by the KVM "
                                       "backend")
-        if cfg.irqchip == "split":
-            raise NotImplementedError("irqchip='split' (KVM_CAP_SPLIT_IRQCHIP) is not "
-                                      "implemented by the KVM backend yet")
+        # the GSI routing table last set (KVM has no ioctl to read it back)
+        self._routing: tuple[MsiRoute | IrqchipRoute, ...] = (
+            default_routing() if cfg.irqchip == "kernel" else ())
         self.clock = KvmClock()
         self.x2apic_cpuid = cfg.x2apic_cpuid
         self.tsc_deadline_cpuid = cfg.tsc_deadline_cpuid
@@ -170,7 +176,12 @@ class KvmVm:
         self._host_value("tsc_khz", cfg.tsc_khz, self.tsc_khz,
                          "the guest TSC runs at the host's {have} kHz (no TSC scaling on this "
                          "backend)")
-        ioctl(self._vm_fd, K.KVM_CREATE_IRQCHIP)
+        if cfg.irqchip == "split":
+            # LAPICs in KVM, PIC and IOAPIC in userspace; GSIs below reserved_ioapic_pins are
+            # the userspace IOAPIC's (their level MSI routes make EOIs exit); empty routing
+            self.enable_cap(MU.KVM_CAP_SPLIT_IRQCHIP, cfg.reserved_ioapic_pins)
+        else:
+            ioctl(self._vm_fd, K.KVM_CREATE_IRQCHIP)
         if cfg.apic_bus_cycle_ns != 1:
             self.enable_cap(K.KVM_CAP_X86_APIC_BUS_CYCLES_NS, cfg.apic_bus_cycle_ns)
         if cfg.disabled_quirks:
@@ -286,6 +297,61 @@ class KvmVm:
         lv = K.kvm_irq_level(irq=irq, level=_u32("level", level))
         ioctl(self._vm_fd, K.KVM_IRQ_LINE_STATUS, lv)
         return lv.status
+
+    # ------------------------------------------------------------------ GSI routing, irqfd
+    def set_gsi_routing(self, routes: Any) -> None:
+        """KVM_SET_GSI_ROUTING: replace the whole routing table with *routes*, a sequence of
+        :class:`~apicv.api.MsiRoute` and :class:`~apicv.api.IrqchipRoute` (an MsiRoute with a
+        devid sets KVM_MSI_VALID_DEVID). KVM validates the table whole before it replaces the
+        old one (kvm_set_irq_routing); a refused table raises KvmError with KVM's errno and
+        leaves the old one in force. TypeError for anything else in *routes*."""
+        self.check_open()
+        routes = tuple(routes)
+        for r in routes:
+            if not isinstance(r, (MsiRoute, IrqchipRoute)):
+                raise TypeError(f"a GSI route is an MsiRoute or an IrqchipRoute, not {r!r}")
+        buf = K.kvm_irq_routing_with(len(routes))()
+        buf.nr = len(routes)
+        for i, r in enumerate(routes):
+            e = buf.entries[i]
+            e.gsi = r.gsi
+            if isinstance(r, MsiRoute):
+                e.type = K.KVM_IRQ_ROUTING_MSI
+                m = e.u.msi
+                m.address_lo, m.address_hi, m.data = r.address_lo, r.address_hi, r.data
+                if r.devid is not None:
+                    e.flags = K.KVM_MSI_VALID_DEVID
+                    m.devid = r.devid
+            else:
+                e.type = K.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip, e.u.irqchip.pin = r.irqchip, r.pin
+        ioctl(self._vm_fd, K.KVM_SET_GSI_ROUTING, buf)
+        self._routing = routes
+
+    def get_gsi_routing(self) -> tuple[MsiRoute | IrqchipRoute, ...]:
+        """The routing table in force (not an ioctl: KVM cannot be asked): the last table
+        KVM_SET_GSI_ROUTING accepted, else what the VM started with -- KVM's default routing
+        (:func:`apicv.api.default_routing`) with the in-kernel irqchip, none when split."""
+        self.check_open()
+        return self._routing
+
+    def irqfd(self, fd: int, gsi: int, *, resamplefd: int | None = None,
+              deassign: bool = False) -> None:
+        """KVM_IRQFD: signalling eventfd *fd* raises GSI *gsi* through the routing table in
+        force at that moment (an MSI route is delivered from the eventfd's wakeup, anything
+        else from a kernel work item: asynchronous either way). With *resamplefd*
+        (KVM_IRQFD_FLAG_RESAMPLE) the GSI is a level line asserted by the write and
+        de-asserted at the guest's EOI, when *resamplefd* is signalled; *deassign*
+        (KVM_IRQFD_FLAG_DEASSIGN) detaches *fd* from *gsi*. KvmError with KVM's errno: EBADF
+        for a closed fd, EINVAL for a file that is no eventfd or a resample KVM refuses (split
+        irqchip), EBUSY for an eventfd already attached. ValueError for a field over 32 bits."""
+        self.check_open()
+        flags = ((K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
+                 | (K.KVM_IRQFD_FLAG_RESAMPLE if resamplefd is not None else 0))
+        args = K.kvm_irqfd(fd=_u32("fd", fd), gsi=_u32("gsi", gsi), flags=flags,
+                           resamplefd=0 if resamplefd is None else _u32("resamplefd",
+                                                                        resamplefd))
+        ioctl(self._vm_fd, K.KVM_IRQFD, args)
 
     @staticmethod
     def _irqchip_size(chip_id: int) -> int:

@@ -187,6 +187,15 @@ class kvm_msi(_Struct):
 KVM_MSI_VALID_DEVID = 1 << 0
 
 
+class kvm_irqfd(_Struct):
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32),
+                ("pad", u8 * 16)]
+
+
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+
+
 class kvm_enable_cap(_Struct):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -541,6 +550,7 @@ KVM_SET_BOOT_CPU_ID = _IO(KVMIO, 0x78)
 KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
+KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 # vCPU
 KVM_RUN = _IO(KVMIO, 0x80)

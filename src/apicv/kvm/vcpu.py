@@ -9,8 +9,9 @@ pending INIT/SIPI) and KVM_GET_SREGS; if the vCPU was reset (CR0.PG clear) it re
 agent with KVM_SET_SREGS/KVM_SET_REGS, passing back the apic_base and interrupt_bitmap it just
 read so the LAPIC is not touched. It then writes the command, its arguments, the APIC mode and
 base and a new sequence number into the mailbox and runs KVM_RUN until the agent's OUT to
-PORT_DONE (in-kernel exits never come back to userspace; MMIO exits to userspace are completed
-and reported as :class:`~apicv.errors.MmioExit`; an OUT to PORT_KICK is answered with another
+PORT_DONE (in-kernel exits never come back to userspace; MMIO and port exits to userspace are
+completed and reported as :class:`~apicv.errors.MmioExit` / :class:`~apicv.errors.IoExit`;
+KVM_EXIT_IOAPIC_EOI is recorded for ``pop_exits``; an OUT to PORT_KICK is answered with another
 KVM_RUN). Interrupt and NMI handlers append their vector to the log; the host drains the log
 after every run.
 
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import apicdef as A
 from .. import uapi as MU
-from ..errors import GuestFault, KvmError, MmioExit, MsrRejected, VcpuNotRunnable
+from ..errors import GuestFault, IoExit, KvmError, MmioExit, MsrRejected, VcpuNotRunnable
 from ..memory import in_ram
 from . import agent as G
 from . import uapi as K
@@ -62,6 +63,7 @@ class KvmVcpu:
         self.sipi: tuple[int, int, int] | None = None  # (CS selector, CS base, RIP) after SIPI
         self.taken: list[int] = []  # vectors taken, not yet returned by take_interrupts
         self.tpr_accesses: list[tuple[int, bool]] = []  # KVM_EXIT_TPR_ACCESS (rip, is_write)
+        self._exits: list[tuple[str, int]] = []  # exits a split-irqchip VMM handles (pop_exits)
         self.log_dropped = 0
         self.pv_eoi_skipped = 0  # handler EOIs replaced by clearing the PV-EOI flag
         self.last_iterations = 0  # loop iterations of the last interrupt window
@@ -278,16 +280,25 @@ class KvmVcpu:
         self._op(G.CMD_RUN)
         return list(self.taken)
 
+    def pop_exits(self) -> list[tuple[str, int]]:
+        """The exits to userspace a split-irqchip VMM must handle, in order, since the last
+        call: ``("IOAPIC_EOI", vector)`` for each KVM_EXIT_IOAPIC_EOI (the guest operation
+        went on as KVM_RUN does when userspace re-enters). Always [] with the in-kernel
+        irqchip, whose IOAPIC takes the EOIs itself."""
+        out, self._exits = self._exits, []
+        return out
+
     def ioapic_read(self, offset: int, size: int = 4) -> int:
         """The guest loads *size* bytes at IOAPIC base (0xFEC00000) + *offset*; the in-kernel
-        IOAPIC (ioapic_mmio_read) answers without an exit to userspace."""
+        IOAPIC (ioapic_mmio_read) answers without an exit to userspace. With a split irqchip
+        the load exits to userspace: MmioExit (the guest read all ones)."""
         self._check_ioapic(offset, size)
         return self._op(G.CMD_LOAD, arg0=MU.KVM_IOAPIC_DEFAULT_BASE_ADDRESS + offset,
                         size=size)
 
     def ioapic_write(self, offset: int, value: int, size: int = 4) -> None:
         """The guest stores *value* (*size* bytes) at IOAPIC base (0xFEC00000) + *offset*
-        (ioapic_mmio_write in the kernel)."""
+        (ioapic_mmio_write in the kernel; MmioExit with a split irqchip)."""
         self._check_ioapic(offset, size)
         self._check_value(value, size)
         self._op(G.CMD_STORE, arg0=MU.KVM_IOAPIC_DEFAULT_BASE_ADDRESS + offset, size=size,
@@ -295,12 +306,13 @@ class KvmVcpu:
 
     def inb(self, port: int) -> int:
         """The guest executes IN AL, DX on a port of the in-kernel i8259 PIC (0x20, 0x21,
-        0xA0, 0xA1) or its ELCR (0x4D0, 0x4D1); KVM handles it without a userspace exit."""
+        0xA0, 0xA1) or its ELCR (0x4D0, 0x4D1); KVM handles it without a userspace exit.
+        With a split irqchip there is no in-kernel PIC: IoExit (the guest read 0xFF)."""
         self._check_port(port)
         return self._op(G.CMD_IN, arg0=port) & 0xFF
 
     def outb(self, port: int, value: int) -> None:
-        """The guest executes OUT DX, AL on a PIC/ELCR port (see inb)."""
+        """The guest executes OUT DX, AL on a PIC/ELCR port (see inb; IoExit when split)."""
         self._check_port(port)
         self._check_value(value, 1)
         self._op(G.CMD_OUT, arg0=port, arg1=value)
@@ -391,16 +403,15 @@ class KvmVcpu:
         pv_eoi = cmd in (G.CMD_TAKE_INTERRUPTS, G.CMD_RUN)
         mb.post(cmd, arg0=arg0, arg1=arg1, size=size, x2apic=x2, apic_va=va, eoi=eoi,
                 pv_eoi_gpa=self._pv_eoi_gpa() if pv_eoi else 0, limit=limit)
-        mmio_exits: list[tuple[int, int, bool]] = []
+        user_exits: list[MmioExit | IoExit] = []
         try:
-            self._run_agent(mmio_exits)
+            self._run_agent(user_exits)
         finally:
             self._drain_log()
         if cmd == G.CMD_TAKE_INTERRUPTS:
             self.last_iterations = mb.get32(G.MB_ITERATIONS)
-        if mmio_exits:
-            gpa, n, is_write = mmio_exits[0]
-            raise MmioExit(gpa, n, is_write)
+        if user_exits:
+            raise user_exits[0]
         if mb.get32(G.MB_FAULT):
             raise GuestFault(mb.get32(G.MB_FAULT), what)
         return mb.get64(G.MB_RESULT)
@@ -461,8 +472,13 @@ class KvmVcpu:
         self._needs_setup = self._crashed = True
         return KvmExitError(self.vcpu_id, message)
 
-    def _run_agent(self, mmio_exits: list[tuple[int, int, bool]]) -> None:
-        """KVM_RUN until the agent reports the command done (or the vCPU stops running)."""
+    def _run_agent(self, user_exits: list[MmioExit | IoExit]) -> None:
+        """KVM_RUN until the agent reports the command done (or the vCPU stops running).
+
+        Accesses no in-kernel device claims (KVM_EXIT_MMIO, KVM_EXIT_IO on a port that is not
+        the agent's) are completed as by a VMM with no device there (reads return all ones)
+        and collected in *user_exits*; KVM_EXIT_IOAPIC_EOI is recorded for pop_exits. Each is
+        followed by another KVM_RUN, as a VMM re-enters after handling it."""
         run = self._run
         deadline = time.monotonic() + G.RUN_DEADLINE_S
         fd = self.fd
@@ -499,12 +515,17 @@ class KvmVcpu:
                         return  # the BSP was reset by INIT; re-established next time
                     if port == G.PORT_EXCEPTION:
                         raise self._crash(self._mb.exception())
-                    kind = "OUT to" if io.direction == K.KVM_EXIT_IO_OUT else "IN from"
-                    raise self._crash(f"unexpected KVM_EXIT_IO: {kind} port {port:#x}, "
-                                      f"size {io.size}")
+                    # a port no in-kernel device serves (the PIC's with a split irqchip)
+                    is_out = io.direction == K.KVM_EXIT_IO_OUT
+                    user_exits.append(IoExit(port, io.size, is_out))
+                    if not is_out:
+                        assert self._run_mm is not None
+                        n = io.size * io.count
+                        self._run_mm[io.data_offset:io.data_offset + n] = b"\xff" * n
+                    continue  # the next KVM_RUN completes the IN
                 if reason == K.KVM_EXIT_MMIO:
                     m = run.u.mmio
-                    mmio_exits.append((m.phys_addr, m.len, bool(m.is_write)))
+                    user_exits.append(MmioExit(m.phys_addr, m.len, bool(m.is_write)))
                     if not m.is_write:
                         for i in range(8):
                             m.data[i] = 0xFF
@@ -512,6 +533,11 @@ class KvmVcpu:
                 if reason == K.KVM_EXIT_TPR_ACCESS:
                     t = run.u.tpr_access
                     self.tpr_accesses.append((t.rip, bool(t.is_write)))
+                    continue
+                if reason == K.KVM_EXIT_IOAPIC_EOI:
+                    # split irqchip: the EOI of a vector a reserved GSI's level MSI route
+                    # targets (kvm_ioapic_send_eoi); the userspace IOAPIC would handle it
+                    self._exits.append(("IOAPIC_EOI", run.u.eoi.vector))
                     continue
                 if reason in (K.KVM_EXIT_INTR, K.KVM_EXIT_IRQ_WINDOW_OPEN):
                     continue
