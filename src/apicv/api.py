@@ -167,7 +167,7 @@ def _u32(owner: str, **fields: int) -> None:
 @dataclass(frozen=True, slots=True)
 class MsiRoute:
     """A KVM_IRQ_ROUTING_MSI entry of KVM_SET_GSI_ROUTING (``struct kvm_irq_routing_msi``).
-    *devid* is KVM_MSI_VALID_DEVID's device id (x86 KVM refuses it: EINVAL)."""
+    *devid* sets KVM_MSI_VALID_DEVID with that device id (x86 KVM accepts and ignores it)."""
 
     gsi: int
     address_lo: int

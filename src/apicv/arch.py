@@ -86,6 +86,8 @@ class VcpuArch:
     tpr_access_reporting: bool = False
     ioapic_handled_vectors: int = 0  # 256-bit bitmap
     pending_ioapic_eoi: int = -1
+    highest_stale_pending_ioapic_eoi: int = -1  # 6.16+: an EOI owed from an older routing
+    pending_external_vector: int = -1  # KVM_INTERRUPT with a split irqchip
     wants_to_run: bool = False  # inside KVM_RUN
     in_guest_mode: bool = False  # vcpu->mode == IN_GUEST_MODE
     blocked: bool = False  # in kvm_vcpu_block() (HLT)

@@ -22,10 +22,12 @@ import struct
 
 from . import apicdef as A
 from .apic_map import kvm_apic_match_dest
+from .irq_routing import kvm_scan_ioapic_irq
 from .uapi import (
     KVM_IOAPIC_DEFAULT_BASE_ADDRESS,
     KVM_IOAPIC_NUM_PINS,
     KVM_IOAPIC_STATE_SIZE,
+    KVM_IRQCHIP_IOAPIC,
 )
 
 IOAPIC_NUM_PINS = KVM_IOAPIC_NUM_PINS
@@ -290,7 +292,9 @@ class KvmIoapic:
                 self.kvm_ioapic_update_eoi_one(vcpu, trigger_mode, pin)
 
     def kvm_ioapic_update_eoi_one(self, vcpu, trigger_mode: int, pin: int) -> None:
-        # (kvm_notify_acked_irq: no ack notifiers are registered -- no PIT, no resamplers)
+        # ack notifiers first (resamplers, the PIT), for edge pins too; remote IRR is cleared
+        # only after them
+        self.port.notify_acked(KVM_IRQCHIP_IOAPIC, pin)
         if (trigger_mode != IOAPIC_LEVEL_TRIG
                 or vcpu.apic.kvm_lapic_get_reg(A.APIC_SPIV) & A.APIC_SPIV_DIRECTED_EOI):
             return
@@ -325,22 +329,21 @@ class KvmIoapic:
     # ------------------------------------------------------------------ scan
     def kvm_ioapic_scan_entry(self, vcpu) -> int:
         """The vectors this vCPU must report EOIs for: the RTC vector it owes, and the vector
-        of every level pin (and the RTC pin) aimed at it or pending in its IRR/ISR."""
+        of every level pin, every pin with an ack notifier, and the RTC pin, aimed at it or
+        pending in its IRR/ISR (kvm_scan_ioapic_irq)."""
         handled = 0
         vid = vcpu.vcpu_id
         dmap = self.rtc_status.dest_map.map
         if vid in dmap:
             handled |= 1 << dmap[vid]
-        apic = vcpu.apic
         kvm = self.port.kvm
+        has_notifier = self.port.has_notifier
         for index, e in enumerate(self.redirtbl):
-            if e & RTE_TRIG_MODE or index == RTC_GSI:
-                vector = e & RTE_VECTOR
-                if (kvm_apic_match_dest(kvm, apic, None, A.APIC_DEST_NOSHORT,
-                                        (e >> RTE_DEST_SHIFT) & 0xFF,
-                                        kvm_lapic_irq_dest_mode(bool(e & RTE_DEST_MODE)))
-                        or apic.kvm_apic_pending_eoi(vector)):
-                    handled |= 1 << vector
+            if (e & RTE_TRIG_MODE or has_notifier(KVM_IRQCHIP_IOAPIC, index)
+                    or index == RTC_GSI):
+                handled = kvm_scan_ioapic_irq(
+                    kvm, vcpu, (e >> RTE_DEST_SHIFT) & 0xFF,
+                    kvm_lapic_irq_dest_mode(bool(e & RTE_DEST_MODE)), e & RTE_VECTOR, handled)
         return handled
 
     # ------------------------------------------------------------------ MMIO
@@ -408,7 +411,8 @@ class KvmIoapic:
             # EOI on IOAPICs without an EOI register)
             e &= ~RTE_REMOTE_IRR
         self.redirtbl[index] = e
-        # (mask notifiers: none registered)
+        if (old ^ e) & RTE_MASK:
+            self.port.fire_mask_notifiers(KVM_IRQCHIP_IOAPIC, index, bool(e & RTE_MASK))
         if e & RTE_TRIG_MODE and self.irr >> index & 1:
             self.ioapic_service(index, False)
         e = self.redirtbl[index]

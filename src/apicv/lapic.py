@@ -39,6 +39,7 @@ from .kvm_host import (
     KVM_REQ_EVENT,
     KVM_REQ_IOAPIC_EOI_EXIT,
     KVM_REQ_NMI,
+    KVM_REQ_SCAN_IOAPIC,
     KVM_REQ_SMI,
     ApicvInhibit,
     LapicMode,
@@ -371,6 +372,9 @@ class LocalApic(LapicTimerMixin, LapicAccessMixin, LapicPvMixin):
     def kvm_ioapic_send_eoi(self, vector: int) -> EoiBroadcast | None:
         if not self.kvm_ioapic_handles_vector(vector):
             return None
+        if self.arch.highest_stale_pending_ioapic_eoi == vector:
+            # the EOI owed from an older routing came: the EOI exits may no longer be needed
+            self.arch.requests |= KVM_REQ_SCAN_IOAPIC
         if self.kvm.irqchip_split:
             # No exit when the guest suppresses EOI broadcasts (SPIV bit 12), but only if
             # userspace enabled that (KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST); the legacy

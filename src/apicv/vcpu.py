@@ -26,7 +26,6 @@ from .kvm_host import (
     KVM_REQ_APF_READY,
     KVM_REQ_APICV_UPDATE,
     KVM_REQ_EVENT,
-    KVM_REQ_IOAPIC_EOI_EXIT,
     KVM_REQ_NMI,
     KVM_REQ_REPORT_TPR_ACCESS,
     KVM_REQ_SMI,
@@ -97,6 +96,7 @@ class Injection:
 
 
 NO_INJECTION = Injection()
+USER_EXIT_REASONS = {"IOAPIC_EOI": 26}  # KVM_EXIT_IOAPIC_EOI
 
 
 class Vcpu(GuestMixin):
@@ -142,6 +142,7 @@ class Vcpu(GuestMixin):
         self._window: list | None = None  # [taken, limit, eoi] while take_interrupts runs
         self.last_read_undefined = False  # the last mmio_read was rejected by the LAPIC
         self._reinject = None  # an injected event whose VM entry was cancelled
+        self.user_exits: list[tuple[str, int]] = []  # exits for a split irqchip's VMM
         self.kvm_vcpu_reset(False)
 
     # ------------------------------------------------------------------ reset / INIT / SIPI
@@ -483,10 +484,9 @@ class Vcpu(GuestMixin):
     def process_requests(self) -> None:
         """The requests vcpu_enter_guest() handles before it looks at KVM_REQ_EVENT."""
         arch = self.arch
-        # nothing for the model to do: async PF, TPR-access report (KVM_EXIT_TPR_ACCESS),
-        # the split-irqchip EOI exit (not modelled yet)
-        arch.requests &= ~(KVM_REQ_APF_READY | KVM_REQ_REPORT_TPR_ACCESS
-                           | KVM_REQ_IOAPIC_EOI_EXIT)
+        # nothing for the model to do: async PF, TPR-access report (KVM_EXIT_TPR_ACCESS); the
+        # split irqchip's EOI exit is the VM's (process_vcpu_requests)
+        arch.requests &= ~(KVM_REQ_APF_READY | KVM_REQ_REPORT_TPR_ACCESS)
         req = arch.requests
         if req & KVM_REQ_APICV_UPDATE:
             arch.requests &= ~KVM_REQ_APICV_UPDATE
@@ -615,6 +615,20 @@ class Vcpu(GuestMixin):
             if vector != -1 and tr is not None:
                 tr.kvm_inj_virq(vector)
         return Injection(vector, self.kvm_cpu_has_injectable_intr())
+
+    def user_exit(self, name: str, data: int) -> None:
+        """KVM_RUN returned to userspace with an exit a split-irqchip VMM handles (e.g.
+        KVM_EXIT_IOAPIC_EOI); the VMM re-enters at once, so the guest operation goes on."""
+        self.user_exits.append((name, data))
+        tr = self.vm.trace
+        if tr is not None:
+            tr.kvm_userspace_exit(name, USER_EXIT_REASONS[name])
+
+    def pop_exits(self) -> list[tuple[str, int]]:
+        """The exits to userspace a split-irqchip VMM had to handle since the last call, as
+        ``(name, data)`` pairs: ``("IOAPIC_EOI", vector)``."""
+        out, self.user_exits = self.user_exits, []
+        return out
 
     @property
     def vcpu_idx(self) -> int:

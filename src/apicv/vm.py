@@ -23,7 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from . import uapi as U
-from .api import MAX_VCPU_ID, MAX_VCPUS, VmConfig
+from .api import KVM_MAX_IRQ_ROUTES, MAX_VCPU_ID, MAX_VCPUS, VmConfig
 from .apic_map import kvm_recalculate_apic_map
 from .arch import SEB_DISABLED, SEB_ENABLED, KvmArch
 from .clock import Clock
@@ -31,9 +31,11 @@ from .delivery import Router
 from .errors import KvmError
 from .i8259 import KvmPic
 from .ioapic import KvmIoapic
+from .irq_routing import IrqRoutingMixin
 from .kvm_host import (
     KVM_REQ_APICV_UPDATE,
     KVM_REQ_EVENT,
+    KVM_REQ_IOAPIC_EOI_EXIT,
     KVM_REQ_LOAD_EOI_EXITMAP,
     KVM_REQ_SCAN_IOAPIC,
     VMX_REQUIRED_APICV_INHIBITS,
@@ -76,7 +78,7 @@ class DevicePort:
     fake port."""
 
     __slots__ = ("kvm", "clock", "vcpus", "deliver", "dest_vcpus", "scan_ioapic",
-                 "apicv_activated")
+                 "apicv_activated", "notify_acked", "fire_mask_notifiers", "has_notifier")
 
     def __init__(self, vm: Vm) -> None:
         self.kvm = vm.kvm
@@ -86,9 +88,12 @@ class DevicePort:
         self.dest_vcpus = vm.router.kvm_bitmap_or_dest_vcpus
         self.scan_ioapic = vm.kvm_make_scan_ioapic_request
         self.apicv_activated = vm.kvm_apicv_activated
+        self.notify_acked = vm.kvm_notify_acked_irq  # ack notifiers (resamplers, the PIT)
+        self.fire_mask_notifiers = vm.kvm_fire_mask_notifiers
+        self.has_notifier = vm.kvm_irq_has_notifier
 
 
-class Vm:
+class Vm(IrqRoutingMixin):
     """The model of a KVM VM with *nr_vcpus* vCPUs, configured by a :class:`~apicv.api.VmConfig`
     (or the same fields as keyword arguments).
 
@@ -152,8 +157,11 @@ class Vm:
         self.pic: KvmPic | None = None  # the in-kernel i8259 pair (irqchip="kernel")
         self.eoi_broadcasts: list[tuple[int, int, bool]] = []  # (vcpu_id, vector, level)
         # kvm_apicv_init(): ABSENT until the irqchip exists, DISABLED without enable_apicv
-        self.kvm.apicv_inhibit_reasons = 1 << (ApicvInhibit.ABSENT if cfg.enable_apicv
-                                               else ApicvInhibit.DISABLED)
+        # (set_or_clear_apicv_inhibit traces it, whatever enable_apicv is)
+        reason = ApicvInhibit.ABSENT if cfg.enable_apicv else ApicvInhibit.DISABLED
+        self.kvm.apicv_inhibit_reasons = 1 << reason
+        if self.trace is not None:
+            self.trace.kvm_apicv_inhibit_changed(int(reason), True, 1 << reason)
         # KVM_CREATE_IRQCHIP / KVM_CAP_SPLIT_IRQCHIP
         irqchip = cfg.irqchip
         if irqchip == "kernel" and self.kvm.has_protected_eoi:
@@ -168,6 +176,7 @@ class Vm:
             self.pic.trace = self.trace
             self.ioapic = KvmIoapic(self.port)
             self.ioapic.trace = self.trace
+        self.irq_routing_init()
         self.kvm_set_or_clear_apicv_inhibit(ApicvInhibit.ABSENT, False)
         if cfg.apic_bus_cycle_ns != 1:
             self.enable_cap(U.KVM_CAP_X86_APIC_BUS_CYCLES_NS, cfg.apic_bus_cycle_ns)
@@ -235,6 +244,9 @@ class Vm:
             U.KVM_CAP_DISABLE_QUIRKS2: KVM_X86_VALID_QUIRKS,
             U.KVM_CAP_X86_APIC_BUS_CYCLES_NS: 1,
             U.KVM_CAP_X86_SMM: int(self.kvm.smm),
+            U.KVM_CAP_IRQ_ROUTING: KVM_MAX_IRQ_ROUTES,
+            U.KVM_CAP_IRQFD: 1,
+            U.KVM_CAP_IRQFD_RESAMPLE: 1,
         }.get(cap, 0)
 
     def enable_cap(self, cap: int, *args: int) -> None:
@@ -287,6 +299,8 @@ class Vm:
                              "are 32-bit fields")
         if self.closed:
             self.check_open()
+        if self.irqfds and not self._depth:
+            self.irqfds_at_operation_start()
         if flags & ~KVM_MSI_VALID_DEVID:
             raise KvmError(U.EINVAL, "KVM_SIGNAL_MSI", "unknown flags")
         r = self.router.kvm_set_msi(address_lo, address_hi, data)
@@ -458,8 +472,16 @@ class Vm:
         return self.router.map
 
     def process_vcpu_requests(self, vcpu: Vcpu) -> None:
-        """Requests a vCPU handles at entry that belong to VM-level devices."""
+        """Requests a vCPU handles at entry that belong to VM-level devices, in
+        vcpu_enter_guest()'s order."""
         arch = vcpu.arch
+        if arch.requests & KVM_REQ_IOAPIC_EOI_EXIT:
+            arch.requests &= ~KVM_REQ_IOAPIC_EOI_EXIT
+            vector = arch.pending_ioapic_eoi
+            if arch.ioapic_handled_vectors >> vector & 1:
+                # KVM_EXIT_IOAPIC_EOI: KVM_RUN returns to the split irqchip's userspace
+                # IOAPIC, which re-enters; the guest operation goes on
+                vcpu.user_exit("IOAPIC_EOI", vector)
         if arch.requests & KVM_REQ_SCAN_IOAPIC:
             arch.requests &= ~KVM_REQ_SCAN_IOAPIC
             self.vcpu_scan_ioapic(vcpu)
@@ -473,8 +495,11 @@ class Vm:
         if not apic.hw_enabled:
             return
         vcpu.arch.ioapic_handled_vectors = 0
+        vcpu.arch.highest_stale_pending_ioapic_eoi = -1
         apic.ops.sync_pir_to_irr(apic)
-        if self.ioapic is not None:
+        if self.kvm.irqchip_split:
+            vcpu.arch.ioapic_handled_vectors = self.kvm_scan_ioapic_routes(vcpu)
+        elif self.ioapic is not None:
             vcpu.arch.ioapic_handled_vectors = self.ioapic.kvm_ioapic_scan_entry(vcpu)
         vcpu.arch.requests |= KVM_REQ_LOAD_EOI_EXITMAP
 
@@ -519,24 +544,14 @@ class Vm:
             raise ValueError(f"GSI {irq} does not fit in 32 bits")
         if not 0 <= level <= _U32:
             raise ValueError(f"level {level} does not fit in 32 bits")
-        self.check_open()
-        level = int(bool(level))
+        with self.vm_ioctl():
+            # kvm_vm_ioctl_irq_line(): the GSI's routes (KVM_SET_GSI_ROUTING, or the default
+            # one), line status reported
+            ret = self.kvm_set_irq(U.KVM_USERSPACE_IRQ_SOURCE_ID, irq, level, True)
         tr = self.trace
         if tr is not None:
-            tr.kvm_set_irq(irq, level, U.KVM_USERSPACE_IRQ_SOURCE_ID)
-        ret = -1
-        ioapic = self.ioapic
-        if ioapic is not None and irq < U.KVM_IOAPIC_NUM_PINS:
-            # default routing: GSI n -> IOAPIC pin n, and for n < 16 the PIC pin n too; the
-            # routes run IOAPIC first (kvm_irq_map_gsi lists them in reverse)
-            r = ioapic.kvm_ioapic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID, level, True)
-            if r >= 0:
-                ret = r
-            if irq < 16:
-                r = self.pic.kvm_pic_set_irq(irq, U.KVM_USERSPACE_IRQ_SOURCE_ID, level)
-                if r >= 0:
-                    ret = r + max(ret, 0)
-        self.after_vm_ioctl()
+            for v in self.vcpus:
+                tr.apic_state(v.apic)
         return ret
 
     def get_irqchip(self, chip_id: int) -> bytes:
@@ -598,22 +613,30 @@ class Vm:
 
     def pic_unlock(self) -> None:
         """pic_unlock(): when the PIC's output rose, KVM_REQ_EVENT and a kick for the first
-        vCPU that accepts PIC interrupts."""
+        vCPU that accepts PIC interrupts; then the acks and (un)maskings the PIC operation
+        made reach their notifiers (pic_clear_isr drops the lock for kvm_notify_acked_irq,
+        an IMR write fires kvm_fire_mask_notifiers), which may drive the PIC again."""
         pic = self.pic
         if pic is None:
             return
-        # kvm_notify_acked_irq / kvm_fire_mask_notifiers: no notifiers are registered (no
-        # PIT, no assigned devices, no resamplers)
-        pic.acked.clear()
-        pic.mask_notified.clear()
-        if not pic.wakeup_needed:
-            return
-        pic.wakeup_needed = False
-        for v in self.vcpus:
-            if v.apic.kvm_apic_accept_pic_intr():
-                v.arch.requests |= KVM_REQ_EVENT
-                v.apic.kvm_vcpu_kick()
+        while True:
+            if pic.wakeup_needed:
+                pic.wakeup_needed = False
+                for v in self.vcpus:
+                    if v.apic.kvm_apic_accept_pic_intr():
+                        v.arch.requests |= KVM_REQ_EVENT
+                        v.apic.kvm_vcpu_kick()
+                        break
+            if not (pic.acked or pic.mask_notified):
                 return
+            acked, pic.acked = pic.acked, []
+            masked, pic.mask_notified = pic.mask_notified, []
+            for irq in acked:  # 0-15; SELECT_PIC(irq)
+                self.kvm_notify_acked_irq(U.KVM_IRQCHIP_PIC_SLAVE if irq >= 8
+                                          else U.KVM_IRQCHIP_PIC_MASTER, irq)
+            for irq, mask in masked:
+                self.kvm_fire_mask_notifiers(U.KVM_IRQCHIP_PIC_SLAVE if irq >= 8
+                                             else U.KVM_IRQCHIP_PIC_MASTER, irq, mask)
 
     def after_vm_ioctl(self) -> None:
         """The end of a VM ioctl that changed a device: settle, then sample the timeline."""
@@ -642,6 +665,8 @@ class Vm:
         self.check_open()
         if self.kvm.vm_bugged:
             raise KvmError(U.EIO, "vCPU ioctl", "the VM is dead (KVM_BUG_ON fired)")
+        if self.irqfds and not self._depth:
+            self.irqfds_at_operation_start()
         if service:
             # a vCPU ioctl needs vcpu->mutex: the VMM takes the vCPU out of KVM_RUN first
             vcpu.leave_guest()
@@ -670,6 +695,8 @@ class Vm:
     def vm_ioctl(self):
         """A VM ioctl: its effects are settled when it ends."""
         self.check_open()
+        if self.irqfds and not self._depth:
+            self.irqfds_at_operation_start()
         self._depth += 1
         try:
             yield
