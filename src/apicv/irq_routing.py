@@ -131,7 +131,7 @@ class IrqRoutingMixin:
         routes = tuple(routes)
         for r in routes:
             if not isinstance(r, MsiRoute | IrqchipRoute):
-                raise ValueError(f"a route is an apicv.MsiRoute or apicv.IrqchipRoute, not {r!r}")
+                raise TypeError(f"a GSI route is an MsiRoute or an IrqchipRoute, not {r!r}")
         if len(routes) > KVM_MAX_IRQ_ROUTES:
             raise KvmError(U.EINVAL, "KVM_SET_GSI_ROUTING",
                            f"{len(routes)} routes (at most {KVM_MAX_IRQ_ROUTES})")
@@ -374,15 +374,21 @@ class IrqRoutingMixin:
         the last one is injected, and delivered to vCPUs resting in guest mode or HLT."""
         self._depth += 1
         try:
-            fired = self.poll_irqfds()
+            fired = self.kvm_irqfd_poll()
         finally:
             self._depth -= 1
         if fired:
             self.settle()
 
-    def poll_irqfds(self) -> int:
-        """Read every signalled irqfd's eventfd and inject (irqfd_wakeup); the model does this
-        when each operation starts. Returns how many irqfds fired."""
+    def poll_irqfds(self) -> None:
+        """Deliver what was written to the irqfds so far (the model reads them when each
+        operation starts anyway; the real backend waits for KVM's injection here)."""
+        with self.vm_ioctl():
+            pass
+
+    def kvm_irqfd_poll(self) -> int:
+        """Read every signalled irqfd's eventfd and inject (irqfd_wakeup). Returns how many
+        irqfds fired."""
         irqfds = self.irqfds
         if not irqfds:
             return 0

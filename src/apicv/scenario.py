@@ -44,7 +44,7 @@ from typing import Any
 
 from . import apicdef as A
 from . import uapi as U
-from .api import VmConfig
+from .api import IrqchipRoute, MsiRoute, VmConfig, default_routing
 from .errors import ApicvError, GuestFault, KvmError, ScenarioError, StateError
 from .kvm_host import ApicvInhibit
 from .regs import BY_NAME, lookup
@@ -144,6 +144,33 @@ def _advance(r: Runner, vm, a: dict[str, Any]) -> None:
     vm.clock.advance(a["ns"])
 
 
+def _set_gsi_routing(r: Runner, vm, a: dict[str, Any]) -> None:
+    routes = (default_routing() if a.get("default", False) else ()) + tuple(a.get("routes", ()))
+    return vm.set_gsi_routing(routes)
+
+
+def _irqfd(r: Runner, vm, a: dict[str, Any]) -> None:
+    resample = a.get("resample")
+    return vm.irqfd(r.eventfd(a["eventfd"]), a["gsi"],
+                    resamplefd=None if resample is None else r.eventfd(resample),
+                    deassign=a.get("deassign", False))
+
+
+def _eventfd_write(r: Runner, vm, a: dict[str, Any]) -> None:
+    """The device signals its eventfd; then the backend lets the irqfd deliver it."""
+    os.eventfd_write(r.eventfd(a["eventfd"]), a.get("value", 1))
+    vm.poll_irqfds()
+
+
+def _eventfd_read(r: Runner, vm, a: dict[str, Any]) -> int:
+    """The VMM reads an eventfd (a resamplefd): its count, 0 if it was not signalled."""
+    vm.poll_irqfds()
+    try:
+        return os.eventfd_read(r.eventfd(a["eventfd"]))
+    except BlockingIOError:
+        return 0
+
+
 def _location(method: str) -> Callable[[Runner, Any, dict[str, Any]], str]:
     def call(r: Runner, cpu, a: dict[str, Any]) -> str:
         if method == "enter_guest" or method == "halt":
@@ -216,6 +243,17 @@ OP_TABLE: tuple[Op, ...] = (
        target="vm", expect="chipfields"),
     Op("set_irqchip", {"chip": ("chip", True), "patch": ("chipfields", True)}, _set_irqchip,
        target="vm"),
+    # GSI routing and irqfds (KVM_SET_GSI_ROUTING, KVM_IRQFD); eventfds are named in the
+    # scenario and created on first use
+    Op("set_gsi_routing", {"routes": ("routes", False), "default": ("bool", False)},
+       _set_gsi_routing, target="vm"),
+    Op("irqfd", {"eventfd": ("name", True), "gsi": ("u32", True), "resample": ("name", False),
+                 "deassign": ("bool", False)}, _irqfd, target="vm"),
+    Op("eventfd_write", {"eventfd": ("name", True), "value": ("u64", False)}, _eventfd_write,
+       target="vm"),
+    Op("eventfd_read", {"eventfd": ("name", True)}, _eventfd_read, target="vm"),
+    Op("poll_irqfds", {}, lambda r, vm, a: vm.poll_irqfds(), target="vm"),
+    Op("pop_exits", {"vcpu": _V}, lambda r, c, a: c.pop_exits(), expect="exits"),
     Op("read_guest", {"gpa": ("u64", True), "size": _SIZE},
        lambda r, vm, a: int.from_bytes(vm.read_guest(a["gpa"], a.get("size", 4)), "little"),
        target="vm"),
@@ -258,6 +296,11 @@ class Step:
         parts = []
         for k, v in self.args.items():
             if k == "page":
+                continue
+            if k == "routes":
+                parts.append("routes=[" + ", ".join(
+                    f"{r.gsi}->msi {r.address_lo:#x}/{r.data:#x}" if isinstance(r, MsiRoute)
+                    else f"{r.gsi}->chip{r.irqchip}:{r.pin}" for r in v) + "]")
                 continue
             if k == "patch":
                 parts.append("patch={" + ", ".join(f"{a}=..." for a in v) + "}")
@@ -339,6 +382,14 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
         if not 0 <= n <= MAX_ADVANCE_NS:
             raise _err(file, step, fld, f"0 to {MAX_ADVANCE_NS} ns (an hour), not {n}")
         return n
+    if kind == "name":
+        if not isinstance(v, str) or not v:
+            raise _err(file, step, fld, f"expected a name, got {v!r}")
+        return v
+    if kind == "routes":
+        if not isinstance(v, list):
+            raise _err(file, step, fld, "expected a list of route tables")
+        return tuple(_parse_route(x, file, step, f"{fld}[{i}]") for i, x in enumerate(v))
     if kind == "inhibit":
         try:
             return ApicvInhibit.parse(v).name
@@ -381,6 +432,25 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
             raise _err(file, step, fld, "expected a table of field = value")
         return {k.lower(): parse_int(x, file, step, f"{fld}.{k}") for k, x in v.items()}
     raise AssertionError(kind)
+
+
+def _parse_route(v: Any, file, step, fld) -> MsiRoute | IrqchipRoute:
+    """{gsi, address_lo, address_hi?, data?, devid?} (MSI) or {gsi, irqchip, pin}."""
+    if not isinstance(v, dict):
+        raise _err(file, step, fld, "expected a table (gsi and address_lo/data, or irqchip/pin)")
+    msi = {"gsi", "address_lo", "address_hi", "data", "devid"}
+    chip = {"gsi", "irqchip", "pin"}
+    keys = set(v)
+    if not keys <= msi and not keys <= chip:
+        raise _err(file, step, fld, f"unknown fields {sorted(keys - msi - chip)} (an MSI route "
+                                    "has gsi, address_lo, address_hi, data, devid; an irqchip "
+                                    "route gsi, irqchip, pin)")
+    need = {"gsi", "address_lo"} if keys <= msi and "irqchip" not in keys else chip
+    if not need <= keys:
+        raise _err(file, step, fld, f"missing {sorted(need - keys)}")
+    vals = {k: (parse_int(x, file, step, f"{fld}.{k}", CHIPS) if k == "irqchip"
+                else _parse_value("u32", x, file, step, f"{fld}.{k}")) for k, x in v.items()}
+    return MsiRoute(**vals) if "address_lo" in vals else IrqchipRoute(**vals)
 
 
 def parse_vectors(v: Any, file, step, fld) -> int:
@@ -577,6 +647,11 @@ def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
         if not isinstance(v, bool):
             raise _err(file, i, "expect", "expected true or false")
         return v
+    if kind == "exits":
+        if not isinstance(v, list) or not all(
+                isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) for x in v):
+            raise _err(file, i, "expect", 'expected a list of ["NAME", value] pairs')
+        return [(x[0], parse_int(x[1], file, i, "expect")) for x in v]
     return parse_int(v, file, i, "expect")
 
 
@@ -641,7 +716,7 @@ class Outcome:
         if self.step.op == "get_mp_state" and isinstance(v, int):
             return U.MP_STATE_NAMES.get(v, str(v))
         if isinstance(v, list):
-            return "[" + ", ".join(f"{x:#x}" for x in v) + "]"
+            return _fmt(v)
         if isinstance(v, bool) or v is None:
             return str(v)
         if isinstance(v, int):
@@ -680,6 +755,20 @@ class Runner:
         self.sc = scenario
         self.vm = vm
         self.saved: dict[str, bytes] = {}
+        self.eventfds: dict[str, int] = {}  # the scenario's named eventfds (irqfds)
+
+    def eventfd(self, name: str) -> int:
+        """The eventfd a scenario calls *name* (created, non-blocking, on first use)."""
+        fd = self.eventfds.get(name)
+        if fd is None:
+            fd = self.eventfds[name] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd
+
+    def close(self) -> None:
+        """Close the scenario's eventfds (a run closes them when it ends)."""
+        fds, self.eventfds = self.eventfds, {}
+        for fd in fds.values():
+            os.close(fd)
 
     def call(self, st: Step) -> Any:
         """Carry out one step (its row of OP_TABLE) on the VM or on the vCPU it names."""
@@ -742,18 +831,23 @@ class Runner:
         """Every step's outcome; on a backend that cannot take a model-only step (a vCPU
         resting in guest mode or HLT), that step is reported as skipped and the run ends."""
         model = getattr(self.vm, "backend", "model") == "model"
-        for st in self.sc.steps:
-            if not model and st.op in MODEL_ONLY_OPS:
-                yield Outcome(st, skipped=f"{st.op} is model-only: the {self.vm.backend} "
-                                          "backend never leaves a vCPU resting in KVM_RUN; "
-                                          "the run stops here")
-                return
-            yield self.step(st)
+        try:
+            for st in self.sc.steps:
+                if not model and st.op in MODEL_ONLY_OPS:
+                    yield Outcome(st, skipped=f"{st.op} is model-only: the {self.vm.backend} "
+                                              "backend never leaves a vCPU resting in "
+                                              "KVM_RUN; the run stops here")
+                    return
+                yield self.step(st)
+        finally:
+            self.close()
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, list):
-        return "[" + ", ".join(f"{x:#x}" for x in v) + "]"
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:#x}"
     return str(v)

@@ -79,6 +79,21 @@ def _u32(name: str, v: int) -> int:
     return v
 
 
+IRQFD_SETTLE_S = 0.2  # how long poll_irqfds waits for KVM to consume an eventfd
+
+
+def _eventfd_count(fd: int) -> int:
+    """An eventfd's count (/proc/self/fdinfo), read without consuming it; 0 if unreadable."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("eventfd-count:"):
+                    return int(line.split(":", 1)[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class KvmVm:
     """A real KVM VM with an in-kernel irqchip and its vCPUs, with the interface of
     :class:`apicv.api.VmAPI`.
@@ -125,6 +140,8 @@ class KvmVm:
             raise NotImplementedError(f"VM type {cfg.vm_type_number} (confidential VMs: "
                                       "KVM_TDX_INIT_VM, ...) is not implemented by the KVM "
                                       "backend")
+        # (fd, gsi, count pending at assign) attached with KVM_IRQFD
+        self._irqfds: list[tuple[int, int, int]] = []
         # the GSI routing table last set (KVM has no ioctl to read it back)
         self._routing: tuple[MsiRoute | IrqchipRoute, ...] = (
             default_routing() if cfg.irqchip == "kernel" else ())
@@ -352,6 +369,24 @@ class KvmVm:
                            resamplefd=0 if resamplefd is None else _u32("resamplefd",
                                                                         resamplefd))
         ioctl(self._vm_fd, K.KVM_IRQFD, args)
+        if deassign:
+            self._irqfds = [i for i in self._irqfds if i[:2] != (fd, gsi)]
+        else:
+            # a count pending at assign is injected but left in the eventfd by KVM
+            self._irqfds.append((fd, gsi, _eventfd_count(fd)))
+
+    def poll_irqfds(self) -> None:
+        """Let what was written to the irqfds reach the guest: KVM injects from the eventfd's
+        wakeup (MSI routes) or a kernel work item (anything else), so wait until KVM has
+        consumed each attached eventfd's count (irqfd_wakeup's eventfd_ctx_do_read), at most
+        IRQFD_SETTLE_S, and give the work item a moment. (The model injects here.)"""
+        self.check_open()
+        deadline = time.monotonic() + IRQFD_SETTLE_S
+        for fd, _gsi, stale in self._irqfds:
+            while _eventfd_count(fd) not in (0, stale) and time.monotonic() < deadline:
+                time.sleep(0.0002)
+        if self._irqfds:
+            time.sleep(0.002)
 
     @staticmethod
     def _irqchip_size(chip_id: int) -> int:
