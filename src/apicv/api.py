@@ -208,6 +208,92 @@ def default_routing() -> tuple[IrqchipRoute, ...]:
     return tuple(routes)
 
 
+
+# struct kvm_vcpu_events (arch/x86/include/uapi/asm/kvm.h), flattened: name, C type, offset.
+# nmi.pad and reserved[26] are not fields: pack() writes zeros there, unpack() ignores them.
+_EVENT_FIELDS = (
+    ("exception_injected", "B", 0), ("exception_nr", "B", 1),
+    ("exception_has_error_code", "B", 2), ("exception_pending", "B", 3),
+    ("exception_error_code", "I", 4),
+    ("interrupt_injected", "B", 8), ("interrupt_nr", "B", 9), ("interrupt_soft", "B", 10),
+    ("interrupt_shadow", "B", 11),
+    ("nmi_injected", "B", 12), ("nmi_pending", "B", 13), ("nmi_masked", "B", 14),
+    ("sipi_vector", "I", 16), ("flags", "I", 20),
+    ("smi_smm", "B", 24), ("smi_pending", "B", 25), ("smi_inside_nmi", "B", 26),
+    ("smi_latched_init", "B", 27),
+    ("triple_fault_pending", "B", 28),
+    ("exception_has_payload", "B", 55), ("exception_payload", "Q", 56),
+)
+_EVENT_BITS = {"B": 8, "I": 32, "Q": 64}  # the field's width in bits
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuEvents:
+    """``struct kvm_vcpu_events`` for KVM_GET_VCPU_EVENTS / KVM_SET_VCPU_EVENTS, one field per
+    member (``exception.nr`` is ``exception_nr``, ``smi.smm_inside_nmi`` is ``smi_inside_nmi``).
+
+    Each field has its C width (u8, u32 for ``exception_error_code``, ``sipi_vector`` and
+    ``flags``, u64 for ``exception_payload``); a value that does not fit raises ``ValueError``
+    here, before any ioctl. :meth:`pack` gives the 64-byte structure, :meth:`unpack` reads it.
+    ``flags`` takes the ``KVM_VCPUEVENT_VALID_*`` bits of :mod:`apicv.uapi`; which fields
+    KVM_SET_VCPU_EVENTS reads and which it refuses is ``kvm_vcpu_ioctl_x86_set_vcpu_events``'s
+    business (both backends' ``set_vcpu_events`` raise KvmError as KVM does)."""
+
+    exception_injected: int = 0
+    exception_nr: int = 0
+    exception_has_error_code: int = 0
+    exception_pending: int = 0
+    exception_error_code: int = 0
+    interrupt_injected: int = 0
+    interrupt_nr: int = 0
+    interrupt_soft: int = 0
+    interrupt_shadow: int = 0
+    nmi_injected: int = 0
+    nmi_pending: int = 0
+    nmi_masked: int = 0
+    sipi_vector: int = 0
+    flags: int = 0
+    smi_smm: int = 0
+    smi_pending: int = 0
+    smi_inside_nmi: int = 0
+    smi_latched_init: int = 0
+    triple_fault_pending: int = 0
+    exception_has_payload: int = 0
+    exception_payload: int = 0
+
+    def __post_init__(self) -> None:
+        for name, ctype, _ in _EVENT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool):
+                object.__setattr__(self, name, int(v))
+                continue
+            bits = _EVENT_BITS[ctype]
+            if not isinstance(v, int) or not 0 <= v < 1 << bits:
+                raise ValueError(f"VcpuEvents.{name}={v!r}: a u{bits} field of "
+                                 "struct kvm_vcpu_events")
+
+    def pack(self) -> bytes:
+        """The 64-byte ``struct kvm_vcpu_events`` (x86-64 layout, little-endian)."""
+        buf = bytearray(U.KVM_VCPU_EVENTS_SIZE)
+        for name, ctype, off in _EVENT_FIELDS:
+            n = _EVENT_BITS[ctype] // 8
+            buf[off:off + n] = getattr(self, name).to_bytes(n, "little")
+        return bytes(buf)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> VcpuEvents:
+        """A VcpuEvents from the 64 bytes KVM_GET_VCPU_EVENTS fills (ValueError for any other
+        length)."""
+        data = bytes(data)
+        if len(data) != U.KVM_VCPU_EVENTS_SIZE:
+            raise ValueError(f"a kvm_vcpu_events is {U.KVM_VCPU_EVENTS_SIZE} bytes, "
+                             f"got {len(data)}")
+        return cls(**{name: int.from_bytes(data[off:off + _EVENT_BITS[ctype] // 8], "little")
+                      for name, ctype, off in _EVENT_FIELDS})
+
+    def replace(self, **changes: int) -> VcpuEvents:
+        return dataclasses.replace(self, **changes)
+
 @runtime_checkable
 class ClockAPI(Protocol):
     """``vm.clock``: the model's virtual clock, or wall time on the real backend."""
