@@ -19,6 +19,14 @@ from ..uapi import (  # noqa: F401  (re-exported: K.KVM_CAP_*, K.KVM_APIC_REG_SI
     KVM_CAP_X2APIC_API,
     KVM_CAP_X86_APIC_BUS_CYCLES_NS,
     KVM_CAP_X86_SMM,
+    KVM_NR_INTERRUPTS,
+    KVM_VCPU_EVENTS_SIZE,
+    KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_PAYLOAD,
+    KVM_VCPUEVENT_VALID_SHADOW,
+    KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    KVM_VCPUEVENT_VALID_SMM,
+    KVM_VCPUEVENT_VALID_TRIPLE_FAULT,
 )
 
 # ---------------------------------------------------------------- asm-generic/ioctl.h
@@ -213,9 +221,6 @@ class kvm_vapic_addr(_Struct):
 
 
 # ---------------------------------------------------------------- asm/kvm.h (x86)
-KVM_NR_INTERRUPTS = 256
-
-
 class kvm_regs(_Struct):
     _fields_ = [(n, u64) for n in (
         "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -342,12 +347,7 @@ class kvm_vcpu_events(_Struct):
     ]
 
 
-KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
-KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
-KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
-KVM_VCPUEVENT_VALID_SMM = 0x00000008
-KVM_VCPUEVENT_VALID_PAYLOAD = 0x00000010
-KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x00000020
+assert ctypes.sizeof(kvm_vcpu_events) == KVM_VCPU_EVENTS_SIZE
 
 KVM_RUN_X86_SMM = 1 << 0
 KVM_RUN_X86_BUS_LOCK = 1 << 1

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import apicdef as A
 from .. import uapi as MU
+from ..api import VcpuEvents
 from ..errors import GuestFault, IoExit, KvmError, MmioExit, MsrRejected, VcpuNotRunnable
 from ..memory import in_ram
 from . import agent as G
@@ -172,6 +173,35 @@ class KvmVcpu:
     def nmi(self) -> None:
         """KVM_NMI."""
         self._ioctl(K.KVM_NMI)
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT (struct kvm_interrupt, one u32): kvm_vcpu_ioctl_interrupt refuses a
+        vector from KVM_NR_INTERRUPTS up (EINVAL), any vector with the in-kernel PIC (ENXIO)
+        and, with a split irqchip, a second one while pending_external_vector holds the
+        first (EEXIST). ValueError if *vector* is not a u32."""
+        if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector <= 0xFFFFFFFF:
+            raise ValueError(f"KVM_INTERRUPT vector {vector!r} is not a u32")
+        self._ioctl(K.KVM_INTERRUPT, K.kvm_interrupt(irq=vector))
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        """KVM_GET_VCPU_EVENTS (kvm_vcpu_ioctl_x86_get_vcpu_events; it runs process_nmi, so
+        NMIs queued by KVM_NMI show up in nmi_pending, at most two)."""
+        buf = bytearray(MU.KVM_VCPU_EVENTS_SIZE)
+        arg = (ctypes.c_char * len(buf)).from_buffer(buf)
+        try:
+            self._ioctl(K.KVM_GET_VCPU_EVENTS, arg)
+        finally:
+            del arg  # release the export of buf
+        return VcpuEvents.unpack(bytes(buf))
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        """KVM_SET_VCPU_EVENTS with ``events.pack()`` (kvm_vcpu_ioctl_x86_set_vcpu_events);
+        KvmError with KVM's errno where it refuses (what KVM had already applied by then
+        stays applied, as in the kernel)."""
+        if not isinstance(events, VcpuEvents):
+            raise TypeError(f"set_vcpu_events takes a VcpuEvents, not {type(events).__name__}")
+        buf = (ctypes.c_char * MU.KVM_VCPU_EVENTS_SIZE).from_buffer_copy(events.pack())
+        self._ioctl(K.KVM_SET_VCPU_EVENTS, buf)
 
     def setup_mce(self, mcg_cap: int) -> None:
         """KVM_X86_SETUP_MCE."""
