@@ -516,17 +516,27 @@ class Vm(IrqRoutingMixin):
             self.ioapic.kvm_ioapic_update_eoi(vcpu, vector, int(level))
 
     def kvm_cpu_has_extint(self, vcpu: Vcpu) -> bool:
-        """kvm_cpu_has_extint(): the PIC's output, for a vCPU that accepts PIC interrupts
-        (LVT0 unmasked ExtINT, or its APIC hardware-disabled)."""
+        """kvm_cpu_has_extint(): an ExtINT for a vCPU that accepts PIC interrupts (LVT0
+        unmasked ExtINT, or its APIC hardware-disabled: kvm_apic_accept_pic_intr) -- the
+        in-kernel PIC's output, or with a split irqchip the vector userspace gave with
+        KVM_INTERRUPT (pending_userspace_extint). (The cheap test goes first; the answer is
+        KVM's.)"""
         pic = self.pic
-        if pic is None or not pic.output:
+        if pic is not None:
+            return bool(pic.output) and vcpu.apic.kvm_apic_accept_pic_intr()
+        if vcpu.arch.pending_external_vector == -1:
             return False
         return vcpu.apic.kvm_apic_accept_pic_intr()
 
     def kvm_cpu_get_extint(self, vcpu: Vcpu) -> int:
-        """kvm_cpu_get_extint(): the PIC's INTA cycle (kvm_pic_read_irq), or -1."""
+        """kvm_cpu_get_extint(): the PIC's INTA cycle (kvm_pic_read_irq), or with a split
+        irqchip the KVM_INTERRUPT vector, taken (get_userspace_extint); -1 if none."""
         if not self.kvm_cpu_has_extint(vcpu):
             return -1
+        if self.pic is None:
+            vector = vcpu.arch.pending_external_vector
+            vcpu.arch.pending_external_vector = -1
+            return vector
         vector = self.pic.kvm_pic_read_irq()
         self.pic_unlock()
         return vector
