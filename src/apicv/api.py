@@ -347,6 +347,9 @@ class VcpuAPI(Protocol):
     def guest_load(self, gpa: int, size: int = 4) -> int: ...
     def guest_store(self, gpa: int, value: int, size: int = 4) -> None: ...
 
+    # -- what KVM_RUN returned to userspace for on the way (split irqchip) --
+    def pop_exits(self) -> list[tuple[str, int]]: ...         # e.g. [("IOAPIC_EOI", vector)]
+
 
 @runtime_checkable
 class RestingVcpuAPI(VcpuAPI, Protocol):
@@ -379,6 +382,11 @@ class VmAPI(Protocol):
     def irq_line(self, irq: int, level: int) -> int: ...      # KVM_IRQ_LINE_STATUS
     def get_irqchip(self, chip_id: int) -> bytes: ...         # KVM_GET_IRQCHIP
     def set_irqchip(self, chip_id: int, data: bytes) -> None: ...  # KVM_SET_IRQCHIP
+    def set_gsi_routing(self, routes: Sequence[MsiRoute | IrqchipRoute]) -> None: ...
+    def get_gsi_routing(self) -> tuple[MsiRoute | IrqchipRoute, ...]: ...  # the table in force
+    def irqfd(self, fd: int, gsi: int, *, resamplefd: int | None = None,
+              deassign: bool = False) -> None: ...            # KVM_IRQFD
+    def poll_irqfds(self) -> None: ...                        # let irqfd writes reach the guest
     def read_guest(self, gpa: int, size: int) -> bytes: ...
     def write_guest(self, gpa: int, data: bytes) -> None: ...
     @property
