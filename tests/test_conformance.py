@@ -873,3 +873,19 @@ def test_out_of_range_values_change_nothing(vm_factory):
             op()
         assert cpu.get_lapic() == before, i
         assert cpu.get_msr(MSR_APICBASE) == base, i
+
+
+def test_mmio_takes_register_names_and_refuses_bad_ones(vm_factory):
+    """apicv.api.mmio_offset, shared by both backends: a register name is its offset
+    (regs.REGISTERS), an unknown name, a wrong size or an access leaving the 4 KiB page is a
+    ValueError before any KVM_RUN -- KVM_GET_LAPIC is unchanged."""
+    vm = vm_factory(1)
+    cpu = vm.vcpus[0]
+    cpu.mmio_write("SPIV", 0x1FF)
+    cpu.mmio_write("APIC_TASKPRI", 0x30)
+    assert cpu.mmio_read("TPR") == 0x30
+    before = cpu.get_lapic()
+    for bad in (("NOPE", 4), (0xFFE, 4), (0x80, 3), (-4, 4)):
+        with pytest.raises(ValueError):
+            cpu.mmio_write(bad[0], 0, bad[1])
+    assert cpu.get_lapic() == before

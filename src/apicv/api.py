@@ -158,6 +158,26 @@ class VmConfig:
         return self.vm_type
 
 
+def mmio_offset(offset: int | str, size: int) -> int:
+    """The offset of a guest access to the APIC page -- an int, or a register name such as
+    ``"TPR"`` or ``"APIC_ICR"`` -- checked on both backends: ValueError for a size other than
+    1, 2, 4, 8 or an access that leaves the 4 KiB page."""
+    if isinstance(size, bool) or size not in (1, 2, 4, 8):
+        raise ValueError(f"MMIO size must be 1, 2, 4 or 8, not {size!r}")
+    if isinstance(offset, str):
+        from .regs import lookup
+
+        try:
+            offset = lookup(offset).offset
+        except KeyError:
+            raise ValueError(f"no APIC register is called {offset!r}") from None
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise ValueError(f"an APIC offset is an int or a register name, not {offset!r}")
+    if not 0 <= offset <= 0x1000 - size:
+        raise ValueError(f"offset {offset:#x} is outside the 4 KiB APIC page")
+    return offset
+
+
 def _u32(owner: str, **fields: int) -> None:
     for name, v in fields.items():
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U32:

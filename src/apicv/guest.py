@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import apicdef as A
+from .api import mmio_offset
 from .errors import GuestFault, IoExit, MmioExit
 from .kvm_host import KVM_REQ_EVENT, KVM_REQ_UNBLOCK
 from .lapic import REJECTED, EoiBroadcast, SendIpi
@@ -54,16 +55,17 @@ class GuestMixin:
     td: bool
 
     # ------------------------------------------------------------------ public guest ops
-    def mmio_read(self, offset: int, size: int = 4) -> int:
-        """The guest reads *size* bytes at APIC base + *offset* (xAPIC MMIO)."""
-        self._check_mmio(offset, size)
+    def mmio_read(self, offset: int | str, size: int = 4) -> int:
+        """The guest reads *size* bytes at APIC base + *offset* (xAPIC MMIO; a register name
+        such as "TPR" works too)."""
+        offset = mmio_offset(offset, size)
         out: list[int] = []
         self._kvm_run(lambda: out.append(self._mmio(offset, size, None)))
         return out[0]
 
-    def mmio_write(self, offset: int, value: int, size: int = 4) -> None:
+    def mmio_write(self, offset: int | str, value: int, size: int = 4) -> None:
         """The guest writes *value* (*size* bytes) at APIC base + *offset*."""
-        self._check_mmio(offset, size)
+        offset = mmio_offset(offset, size)
         if not 0 <= value < (1 << (8 * size)):
             raise ValueError(f"value {value:#x} does not fit in {size} bytes")
         self._kvm_run(lambda: self._mmio(offset, size, value))
@@ -482,12 +484,6 @@ class GuestMixin:
         return self._reenter_after(emulate, "TDCALL" if self.td else "IO_INSTRUCTION")
 
     # ------------------------------------------------------------------ APIC accesses
-    def _check_mmio(self, offset: int, size: int) -> None:
-        if size not in (1, 2, 4, 8):
-            raise ValueError(f"MMIO size must be 1, 2, 4 or 8, not {size}")
-        if not 0 <= offset <= 0x1000 - size:
-            raise ValueError(f"offset {offset:#x} is outside the 4 KiB APIC page")
-
     def _mmio(self, offset: int, size: int, value: int | None) -> int:
         """A guest load (value None) or store to APIC base + offset."""
         apic = self.apic
@@ -573,7 +569,8 @@ class GuestMixin:
             if vmx.apicv:
                 return vmx.read_page64((index & 0xFF) << 4)
             return vmx.read_page64(A.APIC_TASKPRI)
-        v = self._reenter_after(lambda: self.kvm_get_msr_common(index, host=False),
+        v = self._reenter_after(lambda: self._gp_if(self.kvm_get_msr_common(index, host=False),
+                                                    None),
                                 "TDCALL" if self.td else "MSR_READ")
         if v is None:
             raise GuestFault(13, f"RDMSR {index:#x}")
@@ -604,10 +601,20 @@ class GuestMixin:
                     lambda: self.route(self.apic.kvm_apic_write_nodecode(A.APIC_SELF_IPI)),
                     "APIC_WRITE")
             return
-        ok = self._reenter_after(lambda: self.kvm_set_msr_common(index, value, host=False),
-                                 "TDCALL" if self.td else "MSR_WRITE")
+        ok = self._reenter_after(
+            lambda: self._gp_if(self.kvm_set_msr_common(index, value, host=False), False),
+            "TDCALL" if self.td else "MSR_WRITE")
         if not ok:
             raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x}")
+
+    def _gp_if(self, result, failed):
+        """kvm_emulate_rdmsr/wrmsr: a failed access is kvm_inject_gp() -> kvm_queue_exception,
+        which raises KVM_REQ_EVENT, so the re-entry runs kvm_check_and_inject_events (and its
+        kvm_cpu_has_injectable_intr refreshes PPR). The #GP itself is the agent's to record.
+        (A TD's failed TDVMCALL is an error code for the TD, not an injection by KVM.)"""
+        if (result is None if failed is None else not result) and not self.td:
+            self.arch.requests |= KVM_REQ_EVENT
+        return result
 
     def _cr8(self, value: int | None) -> int:
         apic = self.apic

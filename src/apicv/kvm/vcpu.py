@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import apicdef as A
 from .. import uapi as MU
-from ..api import VcpuEvents
+from ..api import VcpuEvents, mmio_offset
 from ..errors import GuestFault, IoExit, KvmError, MmioExit, MsrRejected, VcpuNotRunnable
 from ..memory import in_ram
 from . import agent as G
@@ -253,14 +253,15 @@ class KvmVcpu:
         return r
 
     # ------------------------------------------------------------------ guest operations
-    def mmio_read(self, offset: int, size: int = 4) -> int:
-        """The guest reads *size* bytes at APIC base + *offset* (xAPIC MMIO)."""
-        self._check_mmio(offset, size)
+    def mmio_read(self, offset: int | str, size: int = 4) -> int:
+        """The guest reads *size* bytes at APIC base + *offset* (xAPIC MMIO; a register name
+        such as "TPR" works too)."""
+        offset = mmio_offset(offset, size)
         return self._op(G.CMD_MMIO_READ, offset=offset, size=size)
 
-    def mmio_write(self, offset: int, value: int, size: int = 4) -> None:
+    def mmio_write(self, offset: int | str, value: int, size: int = 4) -> None:
         """The guest writes *value* (*size* bytes) at APIC base + *offset*."""
-        self._check_mmio(offset, size)
+        offset = mmio_offset(offset, size)
         self._check_value(value, size)
         self._op(G.CMD_MMIO_WRITE, offset=offset, size=size, arg1=value)
 
@@ -389,13 +390,6 @@ class KvmVcpu:
             raise ValueError(f"access size must be 1, 2, 4 or 8, not {size}")
         if not in_ram(gpa, size):
             raise ValueError(f"[{gpa:#x}, {gpa + size:#x}) is not guest RAM")
-
-    @staticmethod
-    def _check_mmio(offset: int, size: int) -> None:
-        if size not in (1, 2, 4, 8):
-            raise ValueError(f"MMIO size must be 1, 2, 4 or 8, not {size}")
-        if not 0 <= offset <= 0x1000 - size:
-            raise ValueError(f"offset {offset:#x} is outside the 4 KiB APIC page")
 
     @staticmethod
     def _check_msr_index(index: int) -> None:
