@@ -152,3 +152,22 @@ def test_console_script_installed():
     r = subprocess.run([exe, "--plain", "run", EXAMPLES[0]], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("step, field", [
+    ('do = "set_lapic"\nvcpu = 0\nfrom = "x"\npatch = { TPR = 0x1ffffffff }', "patch.TPR"),
+    ('do = "signal_msi"\naddress_lo = 0x1fee00000\ndata = 0x41', "address_lo"),
+    ('do = "irq_line"\nirq = 0x100000000\nlevel = 1', "irq"),
+    ('do = "set_or_clear_apicv_inhibit"\nreason = "NOPE"\nset = true', "reason"),
+    ('do = "advance"\nns = 0x7fffffffffffffff', "ns"),
+    ('do = "mmio_write"\nvcpu = 0\noffset = "SPIV"\nvalue = 1\nsize = 3', "size"),
+    ('do = "set_gsi_routing"\nroutes = [{ gsi = 1, irqchip = "IOAPIC" }]', "routes[0]"),
+])
+def test_bad_values_are_found_when_the_file_is_parsed(step, field):
+    """The whole file is validated before any step runs (issue 12): a value that does not fit
+    its UAPI field, an inhibit reason KVM does not have, a time step the real backend would
+    sleep for centuries -- each names the step and the field."""
+    text = '[[step]]\ndo = "nmi"\nvcpu = 0\n\n[[step]]\n' + step + "\n"
+    with pytest.raises(ScenarioError) as ei:
+        parse(text, "bad.toml")
+    assert ei.value.step == 2 and ei.value.field.startswith(field), str(ei.value)

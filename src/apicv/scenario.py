@@ -480,7 +480,7 @@ def parse_regs(v: Any, file, step, fld) -> dict[str, int]:
             lookup(k)
         except KeyError:
             raise _err(file, step, sub, f"unknown register {k!r}") from None
-        out[k] = parse_int(val, file, step, sub)
+        out[k] = _parse_value("u32", val, file, step, sub)  # a 32-bit register
     return out
 
 
