@@ -19,7 +19,8 @@ virt/kvm/eventfd.c -- mixed into :class:`apicv.vm.Vm`.
   Several writes between two operations therefore reach the guest as one injection; on KVM the
   guest could not have taken the first one in between either, so IRR, the IOAPIC and the
   resamplefd end up the same. A count already pending when the irqfd is assigned is injected
-  at once (KVM: "trigger it as if we didn't miss it"); the model also consumes it.
+  at once (KVM: "trigger it as if we didn't miss it") and left in the eventfd, as KVM's
+  inject work item leaves it; the next write consumes both.
 * Resampling irqfds (KVM_IRQFD_FLAG_RESAMPLE, full in-kernel irqchip only): the line is
   asserted with KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID and stays asserted until the guest's EOI
   reaches the irqchip pin; then ``irqfd_resampler_ack`` de-asserts it and signals every
@@ -320,18 +321,20 @@ class IrqRoutingMixin:
         if any(i.eventfd == ctx for i in self.irqfds):
             raise KvmError(U.EBUSY, "KVM_IRQFD", f"fd {fd} is an irqfd already")
         irqfd = Irqfd(fd, gsi, ctx)
-        if resamplefd is not None:
-            res = next((r for r in self.resamplers if r.gsi == gsi), None)
-            if res is None:
-                res = Resampler(gsi)
-                res.notifier = lambda: self.irqfd_resampler_ack(res)
-                self.resamplers.insert(0, res)
-                self.kvm_register_irq_ack_notifier(gsi, res.notifier)
-            res.resamplefds.append(resamplefd)
-            irqfd.resampler, irqfd.resamplefd = res, resamplefd
-        self.irqfds.append(irqfd)
-        self._irqfd_poll = None
+        # the operation starts (other irqfds' writes are read) before this irqfd is listed:
+        # its pending count is not read as a write, which would consume it
         with self.vm_ioctl():
+            if resamplefd is not None:
+                res = next((r for r in self.resamplers if r.gsi == gsi), None)
+                if res is None:
+                    res = Resampler(gsi)
+                    res.notifier = lambda: self.irqfd_resampler_ack(res)
+                    self.resamplers.insert(0, res)
+                    self.kvm_register_irq_ack_notifier(gsi, res.notifier)
+                res.resamplefds.append(resamplefd)
+                irqfd.resampler, irqfd.resamplefd = res, resamplefd
+            self.irqfds.append(irqfd)
+            self._irqfd_poll = None
             # "an event already pending on the eventfd": injected as if it had not been
             # missed, and (as KVM does) not consumed -- only a later write counts as new
             irqfd.stale = eventfd_count(fd)
