@@ -350,6 +350,7 @@ class GuestMixin:
         if eoi:
             self._guest_eoi()
         self.rflags_if = if_after  # IRET
+        self.nmi_masked = False  # IRET unblocks NMIs, from any handler (SDM 6.7.1)
 
     def _guest_eoi(self) -> None:
         """The handler's EOI: with PV EOI enabled, Linux's kvm_guest_apic_eoi_write() first

@@ -54,6 +54,7 @@ from .uapi import (
     MP_STATE_NAMES,
     MSR_KVM_PV_EOI_EN,
 )
+from .vcpu_events import VcpuEventsMixin
 from .vmx.tdx import (
     TdxVcpu,
     tdx_has_emulated_msr,
@@ -99,7 +100,7 @@ NO_INJECTION = Injection()
 USER_EXIT_REASONS = {"IOAPIC_EOI": 26}  # KVM_EXIT_IOAPIC_EOI
 
 
-class Vcpu(GuestMixin):
+class Vcpu(VcpuEventsMixin, GuestMixin):
     """One vCPU of a :class:`~apicv.vm.Vm`. Host-side methods are the vCPU ioctls; guest-side
     methods (:class:`~apicv.guest.GuestMixin`) are what the guest agent does."""
 
@@ -143,6 +144,7 @@ class Vcpu(GuestMixin):
         self.last_read_undefined = False  # the last mmio_read was rejected by the LAPIC
         self._reinject = None  # an injected event whose VM entry was cancelled
         self.user_exits: list[tuple[str, int]] = []  # exits for a split irqchip's VMM
+        self._events_init()  # KVM_GET/SET_VCPU_EVENTS state (vcpu_events.py)
         self.kvm_vcpu_reset(False)
 
     # ------------------------------------------------------------------ reset / INIT / SIPI
@@ -155,6 +157,7 @@ class Vcpu(GuestMixin):
         self.nmi_injected = False
         self.nmi_masked = False
         self._reinject = None  # kvm_clear_interrupt_queue()
+        self._events_reset()
         self.arch.requests |= KVM_REQ_EVENT
         self.rflags_if = False  # RFLAGS = X86_EFLAGS_FIXED
         self.irq_window_requested = False
@@ -165,9 +168,10 @@ class Vcpu(GuestMixin):
         return bool(self.arch.apic_base & A.MSR_IA32_APICBASE_BSP)
 
     def kvm_apic_init_sipi_allowed(self) -> bool:
-        """Not in SMM (the SMM handler returns at once), and INIT not blocked by the vendor:
-        a TD vCPU always blocks INIT/SIPI (vt_apic_init_signal_blocked)."""
-        return not self.td
+        """Not in SMM (only KVM_SET_VCPU_EVENTS puts the model there: its SMM handler returns
+        at once), and INIT not blocked by the vendor: a TD vCPU always blocks INIT/SIPI
+        (vt_apic_init_signal_blocked)."""
+        return not (self.td or self.in_smm)
 
     def tdx_vcpu_init(self) -> None:
         """KVM_TDX_INIT_VCPU, the APIC part: x2APIC mode (the TDX module mandates it), the BSP
@@ -441,11 +445,12 @@ class Vcpu(GuestMixin):
         return self.kvm_arch_interrupt_allowed() and self.kvm_cpu_has_interrupt()
 
     def kvm_arch_interrupt_allowed(self) -> bool:
-        """RFLAGS.IF (the model's guest has no other interrupt shadow at these points); for a
-        TD, tdx_interrupt_allowed() (KVM cannot read RFLAGS)."""
+        """RFLAGS.IF and no STI / MOV-SS blocking (only KVM_SET_VCPU_EVENTS gives the model's
+        guest one, until its next entry); for a TD, tdx_interrupt_allowed() (KVM cannot read
+        RFLAGS)."""
         if self.td:
             return tdx_interrupt_allowed(self)
-        return self.rflags_if
+        return self.rflags_if and not self.interrupt_shadow
 
     def kvm_cpu_has_interrupt(self) -> bool:
         """kvm_cpu_has_interrupt(); a protected APIC answers through
@@ -520,6 +525,7 @@ class Vcpu(GuestMixin):
             # pending posted interrupts: PIR -> IRR, RVI = highest IRR (vmx_sync_pir_to_irr)
             apic.ops.sync_pir_to_irr(apic)
         apic.kvm_wait_lapic_expire()
+        self.interrupt_shadow = 0  # the guest's first instruction after entry ends it
         return injected
 
     def kvm_check_and_inject_events(self):
@@ -528,18 +534,22 @@ class Vcpu(GuestMixin):
         can_inject = True
         injected = None
         if self._reinject is not None:
-            # an event whose injection was cancelled goes in first (kvm_x86_call(inject_*))
+            # an event whose injection was cancelled goes in first (kvm_x86_call(inject_*));
+            # an interrupt KVM_SET_VCPU_EVENTS left behind an NMI is dropped, as VMX does
             injected, self._reinject = self._reinject, None
+            self.interrupt_injected = False
             can_inject = False
+        # STI / MOV-SS blocking (KVM_SET_VCPU_EVENTS) blocks NMIs and interrupts (vmx_*_blocked)
+        shadow = self.interrupt_shadow
         if self.arch.guest_debug_blockirq:
             return injected  # "Don't inject interrupts if the user asked to avoid doing so"
-        if self.smi_pending:
+        if self.smi_pending and not self.in_smm:  # vmx_smi_allowed: not in SMM
             self.smi_pending = False
             self.smi_count += 1
             can_inject = False
             injected = "smi"
         if self.nmi_pending:
-            if can_inject and not self.nmi_masked:
+            if can_inject and not self.nmi_masked and not shadow:
                 self.nmi_pending -= 1
                 self.nmi_injected = True
                 tr = self.vm.trace
@@ -553,9 +563,10 @@ class Vcpu(GuestMixin):
             if self.nmi_pending:
                 self.nmi_window_requested = True
         if self.kvm_cpu_has_injectable_intr():
-            if can_inject and self.rflags_if:
+            if can_inject and self.rflags_if and not shadow:
                 irq = self.kvm_cpu_get_interrupt()
                 if irq != -1:
+                    self.interrupt_nr, self.interrupt_soft = irq, False  # kvm_queue_interrupt
                     tr = self.vm.trace
                     if tr is not None:
                         tr.kvm_inj_virq(irq)
