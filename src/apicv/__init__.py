@@ -12,7 +12,7 @@ The core imports with the standard library alone.
 """
 
 from . import state
-from .api import VcpuAPI, VmAPI, VmConfig
+from .api import IrqchipRoute, MsiRoute, VcpuAPI, VmAPI, VmConfig
 from .backends import Vm
 from .errors import (
     ApicvError,
@@ -36,9 +36,11 @@ __all__ = [
     "ApicvError",
     "ApicvInhibit",
     "GuestFault",
+    "IrqchipRoute",
     "IoExit",
     "KvmError",
     "MmioExit",
+    "MsiRoute",
     "MsrRejected",
     "ModelVm",
     "ScenarioError",
