@@ -240,7 +240,12 @@ def _run_scenario(sc, out: Out, backend: str, trace: bool, trace_out: str | None
         failures = 0
         skipped = None
         steps = None if quiet else StepTable(out, f"{sc.file} ({backend})", len(sc.steps))
+        from .crosscheck import HostDifferenceNamer
+
+        namer = HostDifferenceNamer() if backend == "kvm" else None
         for o in runner.run():
+            if namer is not None:
+                o.failure = namer.annotate(o)  # a known host difference says so
             status = "ok" if o.failure is None else "FAIL"
             if o.skipped:
                 status, skipped = "skip", o
@@ -403,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("files", nargs="+", metavar="FILE.toml")
     c.add_argument("--model-apicv", action="store_true",
                    help="run the model with APICv on (the host has none)")
+    c.add_argument("--trace", action="store_true", help="also record the host's KVM "
+                   "tracepoints (tracefs, root) and compare them with the model's, step by step")
     c.set_defaults(func=cmd_crosscheck)
 
     f = sub.add_parser("fuzz", help="random scenarios on both backends; a disagreement is "
@@ -417,7 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write a shrunk disagreement")
     f.add_argument("--model-apicv", action="store_true",
                    help="run the model with APICv on (the host has none)")
+    f.add_argument("--trace", action="store_true",
+                   help="also compare the host's KVM trace with the model's (tracefs, root)")
     f.set_defaults(func=cmd_fuzz)
+    t = sub.add_parser("trace", help="the host's KVM trace of a scenario, the model's, a diff")
+    ts = t.add_subparsers(dest="trace_cmd", required=True, parser_class=_Parser)
+    tr = ts.add_parser("record", help="run on the real KVM, record its kvm:* tracepoints")
+    tr.add_argument("scenario", metavar="SCENARIO.toml")
+    tr.add_argument("--out", metavar="FILE", help="write here (default: print)")
+    tr.add_argument("--all-events", action="store_true",
+                    help="also kvm_inj_exception, kvm_userspace_exit, kvm_msr, ...")
+    tm = ts.add_parser("model", help="the model's trace of the scenario")
+    tm.add_argument("scenario", metavar="SCENARIO.toml")
+    tm.add_argument("--out", metavar="FILE", help="write here (default: print)")
+    tm.add_argument("--this-host", action="store_true",
+                    help="configure the model as this machine's KVM (as the crosscheck does)")
+    td = ts.add_parser("diff", help="compare two traces event by event (step by step when "
+                       "both have step marks)")
+    td.add_argument("a")
+    td.add_argument("b")
+    td.add_argument("--context", type=int, default=3, help="events shown around a divergence")
+    td.add_argument("--strict", action="store_true",
+                    help="no named host differences (H1, M1): every event must match")
+    t.set_defaults(func=cmd_trace)
     b = sub.add_parser("boot", help="boot a multiboot kernel on /dev/kvm with the model as its "
                        "interrupt controller (or KVM's, to compare)")
     b.add_argument("kernel", metavar="KERNEL", help="multiboot (v1) ELF32/ELF64 kernel")
@@ -528,7 +557,8 @@ def cmd_crosscheck(args, out: Out) -> int:
     from .crosscheck import crosscheck_files
 
     _need_kvm()
-    return crosscheck_files(args.files, out=out.print, model_apicv=args.model_apicv)
+    return crosscheck_files(args.files, out=out.print, model_apicv=args.model_apicv,
+                            trace=args.trace)
 
 
 def cmd_fuzz(args, out: Out) -> int:
@@ -542,7 +572,14 @@ def cmd_fuzz(args, out: Out) -> int:
         check_writable(args.out, "--out")
     _need_kvm()
     return fuzz(seed=args.seed, count=args.count, max_steps=args.steps, out_path=args.out,
-                out=out, quiet=out.console is None, model_apicv=args.model_apicv)
+                out=out, quiet=out.console is None, model_apicv=args.model_apicv,
+                trace=args.trace)
+
+
+def cmd_trace(args, out: Out) -> int:
+    from .tracediff import cmd_trace as run
+
+    return run(args, out)
 
 
 def _stdout_to_devnull() -> None:

@@ -9,7 +9,12 @@ returned). The model's clock is set to the real VM's clock before each step, so 
 Where this host's KVM differs from upstream KVM (which the model follows), the difference is
 named (:data:`HOST_DIFFERENCES`), probed on the real KVM rather than assumed, and applied
 openly: a comparison that a known difference makes meaningless is skipped or the scenario is
-stopped, with the reason printed and counted -- never silently masked.
+stopped, with the reason printed and counted -- never silently masked. With ``trace=True``
+the host's KVM tracepoints of each step are compared with the model's as well
+(:mod:`apicv.hosttrace`, :mod:`apicv.tracediff`).
+
+Why this module is long: every named difference (H1-H8, V1-V8) is recognised here, next to
+the comparison it qualifies, so that what is not compared, and why, can be read in one place.
 """
 
 from __future__ import annotations
@@ -76,7 +81,64 @@ HOST_DIFFERENCES = {
         "H4", "timers run on wall time",
         "TMCCT and timer expiry follow CLOCK_MONOTONIC; TMCCT is compared within "
         f"{TMCCT_SLACK_NS // 1_000_000} ms of counts."),
+    "H8": HostDifference(
+        "H8", "pending interrupts are evaluated at every entry from userspace",
+        "upstream injects only after KVM_REQ_EVENT (kvm_check_and_inject_events); this host "
+        "also injects an IRR vector that no request announced. Seen: a fixed MSI in IRR while "
+        "the host has the APIC disabled (KVM_SET_MSRS APIC_BASE), the guest re-enables it "
+        "(WRMSR; __kvm_apic_set_base raises only KVM_REQ_APF_READY) and opens an IF=1 window: "
+        "the host's trace shows the injection right after a kvm_userspace_exit with nothing "
+        "in between that would raise a request ('kvm_userspace_exit: reason KVM_EXIT_IO (2)', "
+        "'kvm_apic: apic_write APIC_EOI = 0x0', 'kvm_eoi: apicid 0 vector 65'); upstream "
+        "leaves the vector in IRR. Such a step stops the comparison."),
 }
+
+
+class HostDifferenceNamer:
+    """For runs on the real backend alone (``apicv run/demo --backend kvm``): names the known
+    host difference behind a failed expectation, from what the run did so far. H1: ISR or PPR
+    (a KVM_GET_LAPIC expectation, or a read of PPR/ISR) on a vCPU that has taken an interrupt
+    -- this host never puts an injected vector into ISR. H4: a TMCCT read -- the count follows
+    wall time."""
+
+    def __init__(self) -> None:
+        self.took: set[int] = set()  # vCPUs that have taken an interrupt (or got such a state)
+        self.saved: set[str] = set()  # states saved from them (KVM_GET_LAPIC, save = ...)
+
+    def key(self, o: Outcome) -> str | None:
+        st, a = o.step, o.step.args
+        if o.failure is None or o.error is not None:
+            return None
+        vid = a.get("vcpu")
+        if st.op == "mmio_read" and a["offset"] == A.APIC_TMCCT or (
+                st.op == "rdmsr" and a["index"] == 0x839):
+            return "H4"
+        if vid in self.took:
+            if st.op == "get_lapic" and isinstance(st.expect, dict) and \
+                    set(st.expect) & {"ISR", "PPR"} and ("ISR" in o.failure or "PPR" in o.failure):
+                return "H1"
+            if st.op == "mmio_read" and (a["offset"] == A.APIC_PROCPRI
+                                         or A.APIC_ISR <= a["offset"] < A.APIC_ISR + 0x80):
+                return "H1"
+            if st.op == "rdmsr" and (a["index"] == 0x80A or 0x810 <= a["index"] <= 0x817):
+                return "H1"
+        return None
+
+    def annotate(self, o: Outcome) -> str | None:
+        """*o*'s failure text, naming a known host difference when one explains it; call
+        for every outcome in order."""
+        key = self.key(o)
+        st, a = o.step, o.step.args
+        if st.op == "take_interrupts" and o.error is None and o.value:
+            self.took.add(a["vcpu"])
+        elif st.op == "get_lapic" and a.get("save") and a["vcpu"] in self.took:
+            self.saved.add(a["save"])
+        elif st.op == "set_lapic" and o.error is None and a.get("from") in self.saved:
+            self.took.add(a["vcpu"])
+        if key is None:
+            return o.failure
+        return (f"{o.failure} -- known host difference {key} "
+                f"({HOST_DIFFERENCES[key].title}; upstream KVM, and the model, do as expected)")
 
 
 # With ``model_apicv`` the model runs with APICv on against a host that has none. Where the
@@ -162,6 +224,7 @@ class StepReport:
     mismatches: list[Mismatch] = field(default_factory=list)
     state_diffs: list[tuple[int, list]] = field(default_factory=list)  # (vcpu_id, diff rows)
     pages: dict[int, tuple[LapicState, LapicState]] = field(default_factory=dict)  # differing
+    trace: list[str] = field(default_factory=list)  # the trace divergence, both streams
 
 
 @dataclass
@@ -172,10 +235,17 @@ class CrosscheckResult:
     stopped: str | None = None  # a host difference ended the comparison (reason)
     skipped: list[str] = field(default_factory=list)  # comparisons left out, with reasons
     error: str | None = None  # the scenario could not run at all (e.g. option not on host)
+    traced: bool = False  # the host's trace was compared step by step
+    trace_events: int = 0  # model events compared
+    trace_named: dict[str, int] = field(default_factory=dict)  # named trace differences
 
     @property
     def ok(self) -> bool:
         return self.disagreement is None and self.error is None
+
+
+# steps whose host-side work may run in a kernel worker (irqfd_inject), outside the traced pid
+IRQFD_OPS = frozenset({"irqfd", "eventfd_write", "eventfd_read"})
 
 
 # ---------------------------------------------------------------- probing the host
@@ -196,6 +266,15 @@ def probe_host() -> dict[str, bool]:
         vm.signal_msi(0xFEE00000, 0, 0x41)
         cpu.take_interrupts(eoi=False)
         found["H1"] = LapicState(cpu.get_lapic()).isr == 0
+    with KvmVm(1) as vm:
+        # H8: a vector in IRR that no request announces (the APIC was disabled when it came
+        # in, the guest re-enables it) is injected anyway
+        cpu = vm.vcpus[0]
+        cpu.mmio_write(A.APIC_SPIV, 0x1FF)
+        vm.signal_msi(0xFEE00000, 0, 0x41)
+        cpu.set_msr(A.MSR_IA32_APICBASE, 0xFEE00100)
+        cpu.wrmsr(A.MSR_IA32_APICBASE, 0xFEE00900)
+        found["H8"] = cpu.take_interrupts() == [0x41]
     _PROBED = found
     return found
 
@@ -228,15 +307,38 @@ class Crosscheck:
     """Runs one scenario on both backends."""
 
     def __init__(self, scenario: Scenario, differences: dict[str, bool] | None = None,
-                 model_apicv: bool = False) -> None:
+                 model_apicv: bool = False, trace: bool = False) -> None:
+        """*trace*: also record the host's KVM tracepoints during each step (tracefs, root)
+        and compare them with the model's, event by event (:mod:`apicv.tracediff`)."""
         self.sc = scenario
         self.diffs = probe_host() if differences is None else differences
         self.model_apicv = model_apicv
+        self.trace = trace
+        if trace:
+            if model_apicv:
+                raise ApicvError("the host's trace is compared with the model of this host "
+                                 "only (not with --model-apicv: with APICv most accesses "
+                                 "never reach KVM's tracepoints)")
+            from .hosttrace import check_available
+
+            check_available()  # TraceUnavailable: not root, no tracefs
 
     def run(self, on_step: Callable[[StepReport], None] | None = None) -> CrosscheckResult:
         from .kvm import KvmVm
 
         res = CrosscheckResult(self.sc)
+        if self.trace:
+            from .hosttrace import HostTrace
+
+            with HostTrace() as ht:
+                self._host_trace = ht
+                try:
+                    return self._run_vm(res, KvmVm, on_step)
+                finally:
+                    self._host_trace = None
+        return self._run_vm(res, KvmVm, on_step)
+
+    def _run_vm(self, res: CrosscheckResult, KvmVm, on_step) -> CrosscheckResult:  # noqa: N803
         try:
             kvm_vm = KvmVm(self.sc.vm)
         except (ApicvError, ValueError, NotImplementedError) as e:
@@ -250,7 +352,7 @@ class Crosscheck:
                 cfg = cfg.replace(enable_apicv=True, flexpriority=True)
             from .vm import Vm
 
-            model_vm = Vm(cfg)
+            model_vm = Vm(cfg, trace=self.trace)
             # the model's time follows the real VM's clock, also while a guest op runs
             model_vm.clock.follow(lambda: kvm_vm.clock.now)
             self._run(model_vm, kvm_vm, res, on_step)
@@ -262,6 +364,15 @@ class Crosscheck:
         mrun = Runner(self.sc, mvm)
         krun = Runner(self.sc, kvm_vm)
         h1 = self.diffs.get("H1", False)
+        tracing = self.trace and getattr(self, "_host_trace", None) is not None
+        if tracing:
+            from .tracediff import TraceComparer, parse_lines
+
+            res.traced = True
+            comparer = TraceComparer()
+            ht = self._host_trace
+            ht.take()  # VM creation
+            seen = len(mvm.trace.events)
         min_period = mvm.kvm.min_timer_period_us * 1000
         bus = mvm.kvm.apic_bus_cycle_ns
         for st in self.sc.steps:
@@ -280,6 +391,8 @@ class Crosscheck:
             # H2: a timer expiry pending while it cannot be injected (LVTT masked, APIC off)
             held_timer = {c.vcpu_id for c in mvm.vcpus
                           if c.apic.timer_pending and not c.apic.apic_has_pending_timer()}
+            unannounced = (self.diffs.get("H8") and st.op == "take_interrupts"
+                           and _unannounced_irr(mvm.vcpu(st.args["vcpu"])))
             ko = krun.step(st)
             mvm.clock.sync()
             if st.op == "advance":
@@ -309,6 +422,23 @@ class Crosscheck:
                                    "broadcast (remote IRR / RTC tracking stay as they were)")
                     return
             self._compare_outcome(rep, mvm, res)
+            if tracing:
+                # the events since the previous step on each side (a timer firing between
+                # steps counts to the next one on both)
+                mev = [_ev(e) for e in mvm.trace.events[seen:]]
+                seen = len(mvm.trace.events)
+                td = comparer.compare(mev, parse_lines(ht.take()), _timer_vectors(mvm))
+                res.trace_events += len(td.model)
+                if not td.ok and st.op in IRQFD_OPS:
+                    res.skipped.append(
+                        f"step {st.index}: its trace (R1: an irqfd's injection may run in a "
+                        "kernel worker (irqfd_inject), not in this process: the host's trace "
+                        f"of it is not recorded; model {len(td.model)} events, host "
+                        f"{len(td.host)})")
+                elif not td.ok:
+                    rep.mismatches.append(Mismatch("trace", td.why, ""))
+                    rep.trace = td.report()
+                res.trace_named = dict(comparer.named)
             self._compare_state(rep, mvm, kvm_vm, bus, min_period)
             if rep.mismatches or rep.state_diffs:
                 vid = st.args.get("vcpu")
@@ -317,6 +447,11 @@ class Crosscheck:
                     res.stopped = (f"step {st.index}: {HOST_DIFFERENCES['H2'].title} (H2): "
                                    f"vCPU {vid} had a timer expiry pending while LVTT was "
                                    "masked; upstream injects it after this step")
+                    return
+                if unannounced:
+                    res.stopped = (f"step {st.index}: {HOST_DIFFERENCES['H8'].title} (H8): "
+                                   f"vCPU {vid} had {unannounced:#x} in IRR with no "
+                                   "KVM_REQ_EVENT or interrupt window pending")
                     return
                 if self.model_apicv and _vapic_word_only(rep, mvm):
                     res.stopped = (f"step {st.index}: APICv-visible difference V8: "
@@ -426,6 +561,12 @@ def format_report(res: CrosscheckResult) -> list[str]:
         return [f"{sc.file}: not run: {res.error}"]
     if res.disagreement is None:
         text = f"{sc.file}: {res.steps_compared} steps agree"
+        if res.traced:
+            text += f", {res.trace_events} trace events"
+            if res.trace_named:
+                from .tracediff import named_text
+
+                text += f" ({named_text(res.trace_named)} named)"
         if res.stopped:
             text += f"; stopped at {res.stopped}"
         lines.append(text)
@@ -441,8 +582,12 @@ def format_report(res: CrosscheckResult) -> list[str]:
     lines.append(f"  model: {rep.model.result_text()}")
     lines.append(f"  kvm:   {rep.kvm.result_text()}")
     for m in rep.mismatches:
+        if m.what == "trace":
+            continue
         lines.append(f"  {m.what}: model {m.model}, kvm {m.kvm}" + (f" ({m.detail})"
                                                                      if m.detail else ""))
+    for line in rep.trace:
+        lines.append("  " + line)
     for vid, rows in rep.state_diffs:
         lines.append(f"  vCPU {vid} KVM_GET_LAPIC differs (A = model, B = kvm):")
         for r in rows:
@@ -499,6 +644,41 @@ def _vapic_word_only(rep: StepReport, mvm) -> bool:
     return True
 
 
+def _unannounced_irr(cpu) -> int:
+    """H8: the vector an entry would inject on this host although upstream has no request
+    (KVM_REQ_EVENT) or interrupt window that would make it look; 0 if none. Reads the model
+    without changing it (kvm_apic_has_interrupt would refresh PPR)."""
+    from .kvm_host import KVM_REQ_EVENT
+
+    apic = cpu.apic
+    if (cpu.arch.requests & KVM_REQ_EVENT or cpu.irq_window_requested or not apic.hw_enabled
+            or apic.apicv_active or not apic.irr):
+        return 0
+    vec = apic.irr.bit_length() - 1
+    tpr = apic.kvm_lapic_get_reg(A.APIC_TASKPRI) & 0xFF
+    isr = apic.isr.bit_length() - 1 if apic.isr else 0
+    ppr = tpr if (tpr & 0xF0) >= (isr & 0xF0) else isr & 0xF0
+    return vec if (vec & 0xF0) > (ppr & 0xF0) else 0
+
+
+def _ev(e):
+    from .tracediff import Ev
+
+    return Ev(e.name, e.text, e.line())
+
+
+def _timer_vectors(mvm) -> frozenset[tuple[str, int]]:
+    """(apicid as the trace prints it, LVTT vector) of every vCPU whose APIC timer is armed
+    or has an expiry pending: its interrupt may come at another step on the host (H4)."""
+    out = set()
+    for c in mvm.vcpus:
+        a = c.apic
+        lvtt = a.kvm_lapic_get_reg(A.APIC_LVTT)
+        if a.timer_pending or a.kvm_lapic_get_reg(A.APIC_TMICT) or a.apic_lvtt_tscdeadline():
+            out.add((f"{c.vcpu_id:x}", lvtt & 0xFF))
+    return frozenset(out)
+
+
 def _sw_rejects_read(apic, offset: int, size: int) -> bool:
     """Would KVM's kvm_lapic_reg_read reject this xAPIC read (no APICv)?"""
     return apic.hw_enabled and not apic.x2apic and apic.kvm_lapic_reg_read_rejected(offset, size)
@@ -519,11 +699,20 @@ def vector_text(v: int) -> str:
     return "[" + ", ".join(f"{x:#04x}" for x in vectors_of(v)) + "]"
 
 
-def crosscheck_files(paths: list[str], out=print, model_apicv: bool = False) -> int:
+def crosscheck_files(paths: list[str], out=print, model_apicv: bool = False,
+                     trace: bool = False) -> int:
     """`apicv crosscheck`: 0 when every scenario agrees (or stops at an explained host
     difference), 1 on a disagreement, 2 when a scenario cannot run."""
     from .scenario import load
 
+    if trace:
+        if model_apicv:
+            raise ApicvError("--trace compares the host's trace with the model of this host: "
+                             "not with --model-apicv (with APICv most accesses never reach "
+                             "KVM's tracepoints)")
+        from .hosttrace import check_available
+
+        check_available()
     diffs = probe_host()
     active = [k for k, v in diffs.items() if v]
     out("host differences in effect: " + ", ".join(
@@ -533,7 +722,7 @@ def crosscheck_files(paths: list[str], out=print, model_apicv: bool = False) -> 
     total = 0
     for path in paths:
         sc = load(path)
-        res = Crosscheck(sc, diffs, model_apicv=model_apicv).run()
+        res = Crosscheck(sc, diffs, model_apicv=model_apicv, trace=trace).run()
         total += res.steps_compared
         for line in format_report(res):
             out(line)

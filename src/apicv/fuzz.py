@@ -344,7 +344,7 @@ def _reasons(stats: _Stats) -> str:
 
 def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
          out_path: str | None = "fuzz-disagreement.toml", out=None, quiet: bool = False,
-         model_apicv: bool = False) -> int:
+         model_apicv: bool = False, trace: bool = False) -> int:
     """Run up to *count* random scenarios; 0 if none disagrees, 1 (and the shrunk scenario
     written to *out_path*) if one does."""
     from hypothesis import HealthCheck, Phase, find, settings
@@ -361,7 +361,7 @@ def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
 
     def disagrees(doc: dict[str, Any]) -> bool:
         sc = parse_doc(doc, "<fuzz>")
-        res = Crosscheck(sc, diffs, model_apicv=model_apicv).run()
+        res = Crosscheck(sc, diffs, model_apicv=model_apicv, trace=trace).run()
         if not shrinking[0]:
             stats.cases += 1
             stats.steps += res.steps_compared

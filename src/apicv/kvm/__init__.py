@@ -10,7 +10,8 @@ Standard library only.
 """
 
 from .backend import KvmClock, KvmVm
+from .hostconfig import host_config
 from .sys import KvmExitError, kvm_available
 from .vcpu import KvmVcpu
 
-__all__ = ["KvmClock", "KvmExitError", "KvmVcpu", "KvmVm", "kvm_available"]
+__all__ = ["KvmClock", "KvmExitError", "KvmVcpu", "KvmVm", "host_config", "kvm_available"]
