@@ -105,7 +105,14 @@ class Tracer:
                                    f"{' [reinjected]' if reinjected else ''}")
 
     def kvm_inj_nmi(self) -> None:
+        """Not a kernel tracepoint (trace.h has none for NMI injection): model-only."""
         self._emit("kvm_inj_nmi", "")
+
+    def kvm_userspace_exit(self, name: str, reason: int) -> None:
+        """kvm_userspace_exit: ``reason KVM_EXIT_<name> (<number>)``. The model writes it only
+        for the exits a split-irqchip VMM must handle; the kernel writes one at every return
+        of KVM_RUN."""
+        self._emit("kvm_userspace_exit", f"reason KVM_EXIT_{name} ({reason})")
 
     def kvm_apicv_inhibit_changed(self, reason: int, set_: bool, inhibits: int) -> None:
         from .kvm_host import inhibit_names
@@ -117,6 +124,11 @@ class Tracer:
 
     def kvm_set_irq(self, gsi: int, level: int, irq_source_id: int) -> None:
         self._emit("kvm_set_irq", f"gsi {gsi} level {level} source {irq_source_id}")
+
+    def kvm_ack_irq(self, irqchip: int, pin: int) -> None:
+        """trace_kvm_ack_irq (kvm_notify_acked_irq): __print_symbolic(irqchip, kvm_irqchips)."""
+        chip = ("PIC master", "PIC slave", "IOAPIC")[irqchip] if 0 <= irqchip < 3 else irqchip
+        self._emit("kvm_ack_irq", f"irqchip {chip} pin {pin}")
 
     def kvm_ioapic_set_irq(self, e: int, pin: int, coalesced: bool) -> None:
         self._emit(
