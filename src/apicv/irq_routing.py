@@ -286,12 +286,19 @@ class IrqRoutingMixin:
         # kvm->arch.nr_reserved_ioapic_pins is a u8: KVM_CAP_SPLIT_IRQCHIP's argument (up to
         # 4096) is kept modulo 256
         nr = min(table.nr_rt_entries, self.config.reserved_ioapic_pins & 0xFF)
+        x2apic_format = self.kvm.x2apic_format
+        tr = self.trace
         for gsi in range(nr):
             for e in table.map.get(gsi, ()):
-                if e.type != KVM_IRQ_ROUTING_MSI or not (e.data >> 15) & 1:
-                    continue  # kvm_set_msi_irq(): trig_mode = data's level bit
+                if e.type != KVM_IRQ_ROUTING_MSI:
+                    continue
+                if tr is not None:  # kvm_set_msi_irq() traces every route it decodes
+                    tr.kvm_msi_set_irq(e.address_lo | ((e.address_hi << 32) if x2apic_format
+                                                       else 0), e.data)
+                if not (e.data >> 15) & 1:
+                    continue  # trig_mode = the data's level bit
                 dest_id = (e.address_lo >> 12) & 0xFF
-                if self.kvm.x2apic_format:
+                if x2apic_format:
                     dest_id |= e.address_hi & 0xFFFFFF00
                 dest_mode = A.APIC_DEST_LOGICAL if e.address_lo & 4 else A.APIC_DEST_PHYSICAL
                 handled = kvm_scan_ioapic_irq(self.kvm, vcpu, dest_id, dest_mode,
