@@ -28,15 +28,8 @@ from . import apicdef as A
 from . import uapi as U
 from .errors import ApicvError, GuestFault, KvmError, ScenarioError
 from .memory import SCRATCH_GPA
-from .scenario import (
-    GUEST_OPS,
-    MODEL_ONLY_OPS,
-    Outcome,
-    Runner,
-    Scenario,
-    Step,
-    decode_irqchip,
-)
+from .scenario import Outcome, Runner, Scenario, Step
+from .scenario_ops import GUEST_OPS, MODEL_ONLY_OPS, decode_irqchip
 from .state import LapicState, diff, vectors_of
 
 # guest RAM compared after every step: the scratch area's first page (VAPIC words, PV-EOI

@@ -293,7 +293,8 @@ def record_scenario(path: str, out_file: str | None, every_kvm_event: bool = Fal
     tracepoints, step by step, in trace-cmd's text layout (to *out_file*, or printed)."""
     from .hosttrace import EXTRA_EVENTS, HostTrace, to_report_layout
     from .kvm import KvmVm, kvm_available
-    from .scenario import MODEL_ONLY_OPS, Runner, load
+    from .scenario import Runner, load
+    from .scenario_ops import MODEL_ONLY_OPS
 
     sc = load(path)
     ok, why = kvm_available()
