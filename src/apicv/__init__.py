@@ -12,7 +12,7 @@ The core imports with the standard library alone.
 """
 
 from . import state
-from .api import IrqchipRoute, MsiRoute, VcpuAPI, VmAPI, VmConfig
+from .api import IrqchipRoute, MsiRoute, VcpuAPI, VcpuEvents, VmAPI, VmConfig
 from .backends import Vm
 from .errors import (
     ApicvError,
@@ -47,6 +47,7 @@ __all__ = [
     "StateError",
     "Vcpu",
     "VcpuAPI",
+    "VcpuEvents",
     "VcpuNotRunnable",
     "Vm",
     "VmAPI",

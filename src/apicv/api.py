@@ -26,8 +26,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from . import uapi as U
 
-__all__ = ["ClockAPI", "IrqchipRoute", "MsiRoute", "RestingVcpuAPI", "VcpuAPI", "VmAPI",
-           "VmConfig", "MAX_VCPUS", "KVM_MAX_IRQ_ROUTES"]
+__all__ = ["ClockAPI", "IrqchipRoute", "MsiRoute", "RestingVcpuAPI", "VcpuAPI", "VcpuEvents",
+           "VmAPI", "VmConfig", "MAX_VCPUS", "KVM_MAX_IRQ_ROUTES", "default_routing",
+           "mmio_offset"]
 
 MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS on these hosts
 MAX_VCPU_ID = 4096  # KVM_CAP_MAX_VCPU_ID
@@ -366,6 +367,10 @@ class VcpuAPI(Protocol):
     def outb(self, port: int, value: int) -> None: ...
     def guest_load(self, gpa: int, size: int = 4) -> int: ...
     def guest_store(self, gpa: int, value: int, size: int = 4) -> None: ...
+
+    def interrupt(self, vector: int) -> None: ...             # KVM_INTERRUPT
+    def get_vcpu_events(self) -> VcpuEvents: ...              # KVM_GET_VCPU_EVENTS
+    def set_vcpu_events(self, events: VcpuEvents) -> None: ...  # KVM_SET_VCPU_EVENTS
 
     # -- what KVM_RUN returned to userspace for on the way (split irqchip) --
     def pop_exits(self) -> list[tuple[str, int]]: ...         # e.g. [("IOAPIC_EOI", vector)]

@@ -1,7 +1,11 @@
 """The ``apicv`` command line: demo, run, state decode/diff (and, with the KVM backend,
 crosscheck and fuzz). Every error a user can cause is printed as one readable line and a
 non-zero exit status, never as a traceback: 2 for bad input, 130 after Ctrl-C, 70 for a bug
-(``internal error: ...``; ``APICV_DEBUG=1`` shows its traceback instead)."""
+(``internal error: ...``; ``APICV_DEBUG=1`` shows its traceback instead).
+
+Why this module is long: it holds every command's argument parser, its checks of the user's
+input before anything runs, and the one place where errors become one-line messages; what the
+commands do lives in their own modules (scenario, crosscheck, fuzz, vmm, tracediff)."""
 
 from __future__ import annotations
 
