@@ -37,11 +37,11 @@ import errno as _errno
 import os
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import uapi as U
-from .api import IrqchipRoute, MsiRoute, VmConfig
+from .api import IrqchipRoute, MsiRoute, VcpuEvents, VmConfig
 from .errors import ApicvError, GuestFault, KvmError, ScenarioError, StateError
 from .kvm_host import ApicvInhibit
 from .regs import lookup
@@ -63,6 +63,7 @@ from .scenario_ops import (
 )
 from .state import LapicState, vectors_of
 
+EVENT_FIELDS = tuple(f.name for f in fields(VcpuEvents))
 
 @dataclass
 class Step:
@@ -170,6 +171,17 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
         if not isinstance(v, str) or not v:
             raise _err(file, step, fld, f"expected a name, got {v!r}")
         return v
+    if kind == "events":
+        if not isinstance(v, dict):
+            raise _err(file, step, fld, "expected a table of struct kvm_vcpu_events fields")
+        out = {}
+        for k, x in v.items():
+            if k not in EVENT_FIELDS:
+                raise _err(file, step, f"{fld}.{k}", f"not a field of kvm_vcpu_events "
+                                                     f"(fields: {', '.join(EVENT_FIELDS)})")
+            out[k] = _parse_value("u64" if k == "exception_payload" else "u32", x, file, step,
+                                  f"{fld}.{k}")
+        return out
     if kind == "routes":
         if not isinstance(v, list):
             raise _err(file, step, fld, "expected a list of route tables")
@@ -431,6 +443,8 @@ def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
         if not isinstance(v, bool):
             raise _err(file, i, "expect", "expected true or false")
         return v
+    if kind == "events":
+        return _parse_value("events", v, file, i, "expect")
     if kind == "exits":
         if not isinstance(v, list) or not all(
                 isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) for x in v):
@@ -602,6 +616,10 @@ class Runner:
             kind = OPS[st.op].expect
             if kind == "regs":
                 return check_state_expect(out.value, st.expect)
+            if kind == "events":
+                bad = [f"{k} = {getattr(out.value, k):#x}, expected {w:#x}"
+                       for k, w in st.expect.items() if getattr(out.value, k) != w]
+                return "; ".join(bad) or None
             if kind == "chipfields":
                 got = decode_irqchip(st.args["chip"], out.value)
                 bad = [f"{k} = {got[k]:#x}, expected {w:#x}" for k, w in st.expect.items()

@@ -142,6 +142,12 @@ def _eventfd_read(r: Runner, vm, a: dict[str, Any]) -> int:
         return 0
 
 
+def _set_vcpu_events(r: Runner, cpu, a: dict[str, Any]) -> None:
+    """KVM_GET_VCPU_EVENTS, the patch applied, KVM_SET_VCPU_EVENTS (flags as patched, else
+    the ones KVM_GET_VCPU_EVENTS reported)."""
+    return cpu.set_vcpu_events(cpu.get_vcpu_events().replace(**a["patch"]))
+
+
 def _location(method: str) -> Callable[[Runner, Any, dict[str, Any]], str]:
     def call(r: Runner, cpu, a: dict[str, Any]) -> str:
         if method == "enter_guest" or method == "halt":
@@ -225,6 +231,11 @@ OP_TABLE: tuple[Op, ...] = (
     Op("eventfd_read", {"eventfd": ("name", True)}, _eventfd_read, target="vm"),
     Op("poll_irqfds", {}, lambda r, vm, a: vm.poll_irqfds(), target="vm"),
     Op("pop_exits", {"vcpu": _V}, lambda r, c, a: c.pop_exits(), expect="exits"),
+    # KVM_INTERRUPT (split irqchip: the userspace PIC's ExtINT) and struct kvm_vcpu_events
+    Op("interrupt", {"vcpu": _V, "vector": ("u32", True)},
+       lambda r, c, a: c.interrupt(a["vector"])),
+    Op("get_vcpu_events", {"vcpu": _V}, lambda r, c, a: c.get_vcpu_events(), expect="events"),
+    Op("set_vcpu_events", {"vcpu": _V, "patch": ("events", True)}, _set_vcpu_events),
     Op("read_guest", {"gpa": ("u64", True), "size": _SIZE},
        lambda r, vm, a: int.from_bytes(vm.read_guest(a["gpa"], a.get("size", 4)), "little"),
        target="vm"),
