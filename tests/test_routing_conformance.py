@@ -1,17 +1,24 @@
-"""GSI routing, irqfd and the split irqchip on the real KVM (issue 13), through the KVM backend.
+"""GSI routing, irqfd and the split irqchip (issue 13), run unchanged on both backends: the
+model and this machine's KVM.
 
 Each test names the KVM source it checks (virt/kvm/irqchip.c kvm_set_irq_routing and
 setup_routing_entry, arch/x86/kvm/irq.c kvm_set_routing_entry / kvm_set_msi /
 kvm_arch_irqfd_allowed / kvm_scan_ioapic_routes, virt/kvm/eventfd.c kvm_irqfd_assign /
 irqfd_wakeup / irqfd_update / irqfd_resampler_ack, arch/x86/kvm/lapic.c kvm_ioapic_send_eoi,
-arch/x86/kvm/x86.c KVM_CAP_SPLIT_IRQCHIP and KVM_EXIT_IOAPIC_EOI). These are the answers the
-model must give. Facts marked "this host" are where the KVM of these machines (Linux 6.18,
-PVM) differs from upstream: injection acts as the EOI (host-kvm-notes.md, item 1), so an
-IOAPIC EOI exit, an ack notifier and a resamplefd signal come at injection, without a guest
-EOI.
+arch/x86/kvm/x86.c KVM_CAP_SPLIT_IRQCHIP and KVM_EXIT_IOAPIC_EOI). The tests talk to a VM only
+through the declared API (``apicv.Vm(..., backend=...)``); the ``backend`` fixture runs each
+of them on "model" and on "kvm" (the latter marked ``kvm`` and skipped where /dev/kvm cannot be
+used), with the model configured as this host (its resolved VmConfig: no APICv, no SMM).
 
-irqfd injection is asynchronous (irqfd_wakeup runs on the eventfd write; a non-MSI route
-goes through a work item): the tests poll KVM_GET_LAPIC for up to a second.
+Where this host's KVM differs from upstream the expectation branches on ``vm.backend`` and the
+assertion names the difference: H1 (host-kvm-notes.md, item 1) -- an injected interrupt acts
+as its own EOI, so an IOAPIC EOI exit, an ack notifier and a resamplefd signal come at
+injection, without the guest's EOI. The model keeps upstream's answer; the model-only tests at
+the end show the upstream behaviour the host cannot.
+
+irqfd injection: KVM injects asynchronously (irqfd_wakeup runs on the eventfd write; a non-MSI
+route goes through a work item), the model when its next operation starts. ``wait_irr`` polls
+KVM_GET_LAPIC -- an operation on the model too -- for up to a second, which serves both.
 """
 
 from __future__ import annotations
@@ -23,34 +30,72 @@ import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
+import apicv
 from apicv import uapi as U
-from apicv.api import IrqchipRoute, MsiRoute, default_routing
+from apicv.api import IrqchipRoute, MsiRoute, VmConfig, default_routing
 from apicv.errors import IoExit, KvmError, MmioExit
-from apicv.kvm import KvmVm, kvm_available
+from apicv.kvm import kvm_available
 
-_OK, _WHY = kvm_available()
-pytestmark = [
-    pytest.mark.kvm,
-    pytest.mark.skipif(not _OK, reason=f"the KVM backend cannot run here: {_WHY}"),
-]
+KVM_OK, KVM_WHY = kvm_available()
+KVM_PARAM = pytest.param("kvm", marks=[pytest.mark.kvm, pytest.mark.skipif(
+    not KVM_OK, reason=f"the KVM backend cannot run here: {KVM_WHY}")])
+BACKENDS = ["model", KVM_PARAM]
 
-SPIV, IRR = 0xF0, 0x200
+EOI, SPIV, ISR, IRR = 0xB0, 0xF0, 0x100, 0x200
 IOREGSEL, IOWIN = 0x00, 0x10
 RTE_LEVEL, RTE_REMOTE_IRR = 1 << 15, 1 << 14
 MSI_ADDR = 0xFEE00000  # physical destination APIC ID 0
 MSI_LEVEL = 1 << 15  # MSI data: trigger mode level
 MASTER, SLAVE, IOAPIC = 0, 1, 2
+H1 = "H1 (this host: an injected interrupt is its own EOI)"
+
+_HOST_CONFIG: VmConfig | None = None
+
+
+def host_config() -> VmConfig:
+    """This host's resolved VmConfig (module parameters, SMM, TSC, MAXPHYADDR), so that the
+    model answers as this host; without /dev/kvm, what these hosts are known to have."""
+    global _HOST_CONFIG
+    if _HOST_CONFIG is None:
+        if KVM_OK:
+            with apicv.Vm(0, backend="kvm") as probe:
+                _HOST_CONFIG = probe.config
+        else:
+            _HOST_CONFIG = VmConfig(enable_apicv=False, flexpriority=False, smm=False)
+    return _HOST_CONFIG
+
+
+def make_vm(backend: str, nr_vcpus: int = 1, **options):
+    """``apicv.Vm`` on *backend* with this host's configuration, every vCPU RUNNABLE (APs
+    start UNINITIALIZED) and its APIC software-enabled."""
+    vm = apicv.Vm(host_config().replace(nr_vcpus=nr_vcpus, **options), backend=backend)
+    for cpu in vm.vcpus:
+        if cpu.get_mp_state() != U.KVM_MP_STATE_RUNNABLE:
+            cpu.set_mp_state(U.KVM_MP_STATE_RUNNABLE)
+        cpu.mmio_write(SPIV, 0x1FF)
+    return vm
 
 
 def irr(cpu) -> list[int]:
-    page = cpu.get_lapic()
+    return vectors(cpu.get_lapic(), IRR)
+
+
+def isr(cpu) -> list[int]:
+    return vectors(cpu.get_lapic(), ISR)
+
+
+def vectors(page: bytes, base: int) -> list[int]:
     return [32 * i + b for i in range(8) for b in range(32)
-            if struct.unpack_from("<I", page, IRR + 16 * i)[0] >> b & 1]
+            if struct.unpack_from("<I", page, base + 16 * i)[0] >> b & 1]
 
 
 def wait_irr(cpu, vector: int, timeout: float = 1.0) -> bool:
-    """Whether *vector* shows in IRR within *timeout* seconds (irqfd injects asynchronously)."""
+    """Whether *vector* shows in IRR within *timeout* seconds. KVM injects an irqfd write
+    asynchronously; the model when an operation starts -- KVM_GET_LAPIC is one, so its first
+    answer is already final there."""
     end = time.monotonic() + timeout
     while True:
         if vector in irr(cpu):
@@ -78,7 +123,7 @@ def errno_of(fn, *args, **kw) -> int:
     return e.value.errno
 
 
-def rte(vm: KvmVm, pin: int) -> int:
+def rte(vm, pin: int) -> int:
     return struct.unpack_from("<24Q", vm.get_irqchip(IOAPIC), 24)[pin]
 
 
@@ -102,18 +147,33 @@ def efd():
         os.close(fd)
 
 
-@pytest.fixture
-def vm():
-    with KvmVm(1) as v:
-        v.vcpus[0].mmio_write(SPIV, 0x1FF)
-        yield v
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
 
 
 @pytest.fixture
-def split():
-    with KvmVm(1, irqchip="split", reserved_ioapic_pins=8) as v:
-        v.vcpus[0].mmio_write(SPIV, 0x1FF)
-        yield v
+def new_vm(backend):
+    """``new_vm(nr_vcpus=1, **options)``: a VM on the test's backend, closed at teardown."""
+    made: list = []
+
+    def make(nr_vcpus: int = 1, **options):
+        made.append(make_vm(backend, nr_vcpus, **options))
+        return made[-1]
+
+    yield make
+    for v in made:
+        v.close()
+
+
+@pytest.fixture
+def vm(new_vm):
+    return new_vm(1)
+
+
+@pytest.fixture
+def split(new_vm):
+    return new_vm(1, irqchip="split", reserved_ioapic_pins=8)
 
 
 # ---------------------------------------------------------------- KVM_SET_GSI_ROUTING
@@ -177,14 +237,14 @@ def test_bad_irqchip_pin_is_einval(vm, route):
     assert errno_of(vm.set_gsi_routing, [route]) == errno.EINVAL
 
 
-def test_x2apic_format_refuses_msi_address_hi_low_byte():
+def test_x2apic_format_refuses_msi_address_hi_low_byte(new_vm):
     """kvm_msi_route_invalid: with KVM_X2APIC_API_USE_32BIT_IDS, an MSI route whose
     address_hi has bits 7:0 set is EINVAL; bits 31:8 (destination ID 31:8) are fine."""
-    with KvmVm(1, x2apic_api=U.KVM_X2APIC_API_USE_32BIT_IDS) as v:
-        assert errno_of(v.set_gsi_routing, [MsiRoute(30, MSI_ADDR, 1, 0x51)]) == errno.EINVAL
-        v.set_gsi_routing([MsiRoute(30, MSI_ADDR, 0x100, 0x51)])
-    with KvmVm(1) as v:
-        v.set_gsi_routing([MsiRoute(30, MSI_ADDR, 1, 0x51)])  # ignored without x2apic_format
+    v = new_vm(1, x2apic_api=U.KVM_X2APIC_API_USE_32BIT_IDS)
+    assert errno_of(v.set_gsi_routing, [MsiRoute(30, MSI_ADDR, 1, 0x51)]) == errno.EINVAL
+    v.set_gsi_routing([MsiRoute(30, MSI_ADDR, 0x100, 0x51)])
+    v = new_vm(1)
+    v.set_gsi_routing([MsiRoute(30, MSI_ADDR, 1, 0x51)])  # ignored without x2apic_format
 
 
 def test_irqchip_routes_on_a_split_irqchip_are_einval(split):
@@ -360,7 +420,8 @@ def test_resample_level_ioapic_pin(vm, efd, eoi):
     """KVM_IRQFD_FLAG_RESAMPLE on the in-kernel irqchip: the write asserts level pin 17
     (remote IRR set, vector in IRR), the EOI runs the ack notifier (irqfd_resampler_ack):
     the line is de-asserted, remote IRR cleared, the resamplefd signalled (count 1) and
-    nothing re-fires. This host: with or without the guest's EOI (injection is the EOI)."""
+    nothing re-fires. Upstream the ack waits for the guest's EOI (the vector sits in ISR,
+    remote IRR stays set until then); this host signals at injection (H1)."""
     cpu = vm.vcpus[0]
     fd, rfd = efd(), efd()
     set_rte(cpu, 17, RTE_LEVEL | 0x62)
@@ -370,6 +431,14 @@ def test_resample_level_ioapic_pin(vm, efd, eoi):
     assert rte(vm, 17) & RTE_REMOTE_IRR
     assert not readable(rfd, 0)
     assert cpu.take_interrupts(eoi=eoi) == [0x62]
+    if not eoi:
+        if vm.backend == "kvm":
+            assert readable(rfd, 1.0), f"{H1}: the resamplefd is signalled at injection"
+        else:
+            assert not readable(rfd, 0.05)
+            assert rte(vm, 17) & RTE_REMOTE_IRR
+            assert isr(cpu) == [0x62]
+        cpu.mmio_write(EOI, 0)  # the guest's EOI, late
     assert readable(rfd, 1.0)
     assert count(rfd) == 1
     assert not rte(vm, 17) & RTE_REMOTE_IRR
@@ -464,14 +533,22 @@ def test_split_irqchip_rescans_when_the_routes_change(split, efd):
     assert cpu.pop_exits() == [("IOAPIC_EOI", 0x71)]
 
 
-def test_split_eoi_exit_comes_at_injection_on_this_host(split):
-    """This host: the EOI exit comes without a guest EOI (the host EOIs at injection);
-    upstream KVM sets ISR and exits only at the guest's EOI."""
+def test_split_eoi_exit_comes_at_the_guests_eoi(split):
+    """kvm_ioapic_send_eoi runs from the guest's EOI (apic_set_eoi): upstream KVM sets ISR at
+    injection and exits with KVM_EXIT_IOAPIC_EOI only when the guest writes EOI. This host
+    EOIs at injection itself (H1): the exit comes before the guest's EOI, which then finds
+    nothing in service."""
     cpu = split.vcpus[0]
     split.set_gsi_routing([MsiRoute(2, MSI_ADDR, data=MSI_LEVEL | 0x61)])
     assert split.irq_line(2, 1) == 1
     assert cpu.take_interrupts(eoi=False) == [0x61]
-    assert cpu.pop_exits() == [("IOAPIC_EOI", 0x61)]
+    before = cpu.pop_exits()
+    cpu.mmio_write(EOI, 0)
+    after = cpu.pop_exits()
+    if split.backend == "kvm":
+        assert (before, after) == ([("IOAPIC_EOI", 0x61)], []), f"{H1}: exit at injection"
+    else:
+        assert (before, after) == ([], [("IOAPIC_EOI", 0x61)])
 
 
 def test_in_kernel_irqchip_has_no_eoi_exits(vm):
@@ -488,23 +565,234 @@ def test_in_kernel_irqchip_has_no_eoi_exits(vm):
 @pytest.mark.parametrize("reserved, exiting", [
     (24, [2, 4, 23]), (255, [2, 4, 23, 254]), (256, []), (260, [2]), (4096, []),
 ])
-def test_split_reserved_pins_are_kept_in_a_u8(reserved, exiting):
+def test_split_reserved_pins_are_kept_in_a_u8(new_vm, reserved, exiting):
     """KVM_CAP_SPLIT_IRQCHIP accepts args[0] up to MAX_NR_RESERVED_IOAPIC_PINS (4096) but
     stores it in kvm->arch.nr_reserved_ioapic_pins, a u8: kvm_scan_ioapic_routes scans the
     GSIs below args[0] % 256 (256 and 4096 scan none). Upstream KVM, not this host alone.
     VmConfig refuses more than 4096 before KVM is asked."""
     gsis = (2, 4, 23, 254, 255, 4095)
-    with KvmVm(1, irqchip="split", reserved_ioapic_pins=reserved) as v:
-        cpu = v.vcpus[0]
-        cpu.mmio_write(SPIV, 0x1FF)
-        v.set_gsi_routing([MsiRoute(g, MSI_ADDR, data=MSI_LEVEL | 0x40 + g % 64)
-                           for g in gsis])
-        got = []
-        for g in gsis:
-            assert v.irq_line(g, 1) == 1
-            assert cpu.take_interrupts() == [0x40 + g % 64]
-            if cpu.pop_exits() == [("IOAPIC_EOI", 0x40 + g % 64)]:
-                got.append(g)
-        assert got == exiting
+    v = new_vm(1, irqchip="split", reserved_ioapic_pins=reserved)
+    cpu = v.vcpus[0]
+    v.set_gsi_routing([MsiRoute(g, MSI_ADDR, data=MSI_LEVEL | 0x40 + g % 64) for g in gsis])
+    got = []
+    for g in gsis:
+        assert v.irq_line(g, 1) == 1
+        assert cpu.take_interrupts() == [0x40 + g % 64]
+        if cpu.pop_exits() == [("IOAPIC_EOI", 0x40 + g % 64)]:
+            got.append(g)
+    assert got == exiting
     with pytest.raises(ValueError):
-        KvmVm(1, irqchip="split", reserved_ioapic_pins=4097)
+        new_vm(1, irqchip="split", reserved_ioapic_pins=4097)
+
+
+# ---------------------------------------------------------------- the model alone
+# What upstream KVM does and this host cannot show (H1: it EOIs an injected interrupt itself),
+# or what is cheap to sweep on the model only.
+@pytest.fixture
+def model_vm():
+    made: list = []
+
+    def make(nr_vcpus: int = 1, **options):
+        made.append(make_vm("model", nr_vcpus, **options))
+        return made[-1]
+
+    yield make
+    for v in made:
+        v.close()
+
+
+def test_model_resamplefds_signalled_only_at_the_guests_eoi(model_vm, efd):
+    """irqfd_resampler_ack runs from kvm_notify_acked_irq at the guest's EOI of the level pin
+    (kvm_ioapic_update_eoi), not at injection: until then the resamplefds stay quiet, remote
+    IRR stays set and a second write changes nothing (the line is still asserted). At the EOI
+    the line is de-asserted once and every resamplefd of the GSI is signalled once."""
+    vm = model_vm(1)
+    cpu = vm.vcpus[0]
+    fd1, fd2, r1, r2 = efd(), efd(), efd(), efd()
+    set_rte(cpu, 17, RTE_LEVEL | 0x62)
+    vm.irqfd(fd1, 17, resamplefd=r1)
+    vm.irqfd(fd2, 17, resamplefd=r2)
+    os.eventfd_write(fd1, 1)
+    assert wait_irr(cpu, 0x62)
+    assert cpu.take_interrupts(eoi=False) == [0x62]
+    assert isr(cpu) == [0x62] and irr(cpu) == []
+    os.eventfd_write(fd2, 1)
+    assert irr(cpu) == []
+    assert rte(vm, 17) & RTE_REMOTE_IRR
+    assert not readable(r1, 0) and not readable(r2, 0)
+    cpu.mmio_write(EOI, 0)
+    assert (count(r1), count(r2)) == (1, 1)
+    assert not rte(vm, 17) & RTE_REMOTE_IRR
+    assert isr(cpu) == irr(cpu) == []
+    assert cpu.take_interrupts() == []
+
+
+def test_model_deassigning_the_last_resampler_deasserts_the_line(model_vm, efd):
+    """irqfd_resampler_shutdown: when the last resampling irqfd of a GSI goes, its ack
+    notifier is unregistered and the line de-asserted; the guest's EOI then signals no
+    resamplefd, and the pin (no longer asserted) does not fire again."""
+    vm = model_vm(1)
+    cpu = vm.vcpus[0]
+    fd, rfd = efd(), efd()
+    set_rte(cpu, 17, RTE_LEVEL | 0x62)
+    vm.irqfd(fd, 17, resamplefd=rfd)
+    os.eventfd_write(fd, 1)
+    assert wait_irr(cpu, 0x62)
+    assert cpu.take_interrupts(eoi=False) == [0x62]
+    vm.irqfd(fd, 17, deassign=True)
+    cpu.mmio_write(EOI, 0)
+    assert not readable(rfd, 0)
+    assert not rte(vm, 17) & RTE_REMOTE_IRR
+    assert cpu.take_interrupts() == []
+
+
+def test_model_split_eoi_exit_for_an_eoi_owed_from_an_older_routing(model_vm):
+    """kvm_scan_ioapic_irq: after the route of a level vector moves to another APIC, a vCPU
+    that still has the vector in service keeps its EOI exit (kvm_apic_pending_eoi) and
+    records it as highest_stale_pending_ioapic_eoi; that EOI exits and rescans, and the
+    next injection of the vector to it exits no more."""
+    vm = model_vm(2, irqchip="split", reserved_ioapic_pins=8)
+    cpu = vm.vcpus[0]
+    vm.set_gsi_routing([MsiRoute(2, MSI_ADDR, data=MSI_LEVEL | 0x61)])
+    assert vm.irq_line(2, 1) == 1
+    assert cpu.take_interrupts(eoi=False) == [0x61]
+    vm.set_gsi_routing([MsiRoute(2, MSI_ADDR | 1 << 12, data=MSI_LEVEL | 0x61)])
+    assert cpu.pop_exits() == []
+    cpu.mmio_write(EOI, 0)
+    assert cpu.pop_exits() == [("IOAPIC_EOI", 0x61)]
+    assert vm.signal_msi(MSI_ADDR, 0, MSI_LEVEL | 0x61) == 1
+    assert cpu.take_interrupts() == [0x61]
+    assert cpu.pop_exits() == []
+
+
+def test_model_count_pending_at_assign_injected_once_not_consumed(model_vm, efd):
+    """kvm_irqfd_assign: a count written before KVM_IRQFD is injected once (schedule_work of
+    the inject item, which does not read the eventfd); the model leaves it there and does not
+    inject it again at later operations. The next write consumes the whole count
+    (irqfd_wakeup's eventfd_ctx_do_read) and injects once more."""
+    vm = model_vm(1)
+    cpu = vm.vcpus[0]
+    fd = efd()
+    vm.set_gsi_routing([MsiRoute(30, MSI_ADDR, data=0x51)])
+    os.eventfd_write(fd, 2)
+    vm.irqfd(fd, 30)
+    assert irr(cpu) == [0x51]
+    assert cpu.take_interrupts() == [0x51]
+    for _ in range(3):
+        assert irr(cpu) == []
+        assert cpu.take_interrupts() == []
+    os.eventfd_write(fd, 1)
+    assert irr(cpu) == [0x51]
+    assert not readable(fd, 0)
+    assert cpu.take_interrupts() == [0x51]
+    assert irr(cpu) == []
+
+
+@pytest.mark.parametrize("reserved", [0, 1, 3, 255, 256, 257, 259, 511, 512, 4095, 4096])
+def test_model_reserved_ioapic_pins_modulo_256(model_vm, reserved):
+    """kvm->arch.nr_reserved_ioapic_pins is a u8: kvm_scan_ioapic_routes scans the GSIs below
+    reserved_ioapic_pins % 256 (bounded by the table's nr_rt_entries)."""
+    vm = model_vm(1, irqchip="split", reserved_ioapic_pins=reserved)
+    cpu = vm.vcpus[0]
+    gsis = (0, 1, 2, 3, 200, 254, 255, 256, 300)
+    vm.set_gsi_routing([MsiRoute(g, MSI_ADDR, data=MSI_LEVEL | 0x40 + i)
+                        for i, g in enumerate(gsis)])
+    got = []
+    for i, g in enumerate(gsis):
+        assert vm.irq_line(g, 1) == 1
+        assert cpu.take_interrupts() == [0x40 + i]
+        if cpu.pop_exits() == [("IOAPIC_EOI", 0x40 + i)]:
+            got.append(g)
+    assert got == [g for g in gsis if g < reserved % 256]
+
+
+# ---------------------------------------------------------------- KVM_SET_GSI_ROUTING properties
+# mostly valid values (a table of 20 entries is refused if any one is bad), some bad ones
+_GSI = st.integers(0, 40)
+_GSIS = st.one_of(_GSI, _GSI, _GSI, _GSI, st.sampled_from([255, 4095, 4096, 5000, 0xFFFFFFFF]))
+_MSI = st.builds(
+    MsiRoute, gsi=_GSIS,
+    address_lo=st.builds(lambda dest, logical: MSI_ADDR | dest << 12 | (4 if logical else 0),
+                         st.sampled_from([0, 1, 5, 0xFF]), st.booleans()),
+    address_hi=st.sampled_from([0, 1, 0x100, 0x1FF]),
+    data=st.builds(lambda vec, level: vec | (MSI_LEVEL if level else 0),
+                   st.integers(0x20, 0xFE), st.booleans()),
+    devid=st.none() | st.integers(0, 0xFFFF))
+_IRQCHIP = st.builds(IrqchipRoute, gsi=_GSIS, irqchip=st.sampled_from([0, 1, 2, 2, 2, 3]),
+                     pin=st.one_of(st.integers(0, 23), st.integers(0, 25), st.just(0xFFFFFFFF)))
+TABLES = st.lists(st.one_of(_MSI, _IRQCHIP), max_size=20)
+VM_KINDS = st.sampled_from([
+    {}, {"irqchip": "split", "reserved_ioapic_pins": 8},
+    {"x2apic_api": U.KVM_X2APIC_API_USE_32BIT_IDS},
+])
+
+
+def _delivery(vm, gsis) -> tuple:
+    """What raising and lowering each GSI does: kvm_set_irq's statuses, then every vCPU's
+    LAPIC page and (full irqchip) the PIC and IOAPIC state."""
+    statuses = [(vm.irq_line(g, 1), vm.irq_line(g, 0)) for g in gsis]
+    pages = [c.get_lapic() for c in vm.vcpus]
+    chips = [] if vm.config.irqchip == "split" else [vm.get_irqchip(c) for c in range(3)]
+    return statuses, pages, chips
+
+
+def _probe_gsis(*tables) -> list[int]:
+    return sorted({0, 2, 9, 17, 30} | {r.gsi for t in tables for r in t if r.gsi < 4096})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=VM_KINDS, old=TABLES, new=TABLES)
+def test_model_set_gsi_routing_is_all_or_nothing(kind, old, new):
+    """kvm_set_irq_routing builds and validates the whole new table (setup_routing_entry,
+    kvm_set_routing_entry) before it swaps it in: a table either raises KvmError(EINVAL) and
+    leaves the previous one in force -- get_gsi_routing and what each GSI delivers are those
+    of a VM that only ever had the previous table -- or is installed exactly, delivering as
+    on a VM that was given it alone."""
+    with make_vm("model", 2, **kind) as ref_old, make_vm("model", 2, **kind) as vm:
+        try:
+            ref_old.set_gsi_routing(old)
+        except KvmError:
+            old = list(ref_old.get_gsi_routing())  # the initial table stays
+        else:
+            vm.set_gsi_routing(old)
+        assert vm.get_gsi_routing() == tuple(old) == ref_old.get_gsi_routing()
+        try:
+            vm.set_gsi_routing(new)
+        except KvmError as e:
+            assert e.errno == errno.EINVAL
+            event("refused")
+            ref = ref_old
+        else:
+            event("accepted")
+            assert vm.get_gsi_routing() == tuple(new)
+            ref = make_vm("model", 2, **kind)
+            ref.set_gsi_routing(new)
+        try:
+            gsis = _probe_gsis(old, new)
+            assert _delivery(vm, gsis) == _delivery(ref, gsis)
+        finally:
+            if ref is not ref_old:
+                ref.close()
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not KVM_OK, reason=f"the KVM backend cannot run here: {KVM_WHY}")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=VM_KINDS, table=TABLES)
+def test_set_gsi_routing_verdict_matches_this_host(kind, table):
+    """The model accepts exactly the tables this host's KVM accepts (and refuses the others
+    with the same errno); an accepted table then gives the same kvm_set_irq statuses for
+    each GSI on both."""
+    with make_vm("model", 1, **kind) as model, make_vm("kvm", 1, **kind) as real:
+        verdicts = []
+        for v in (model, real):
+            try:
+                v.set_gsi_routing(table)
+                verdicts.append(0)
+            except KvmError as e:
+                verdicts.append(e.errno)
+        assert verdicts[0] == verdicts[1], f"model {verdicts[0]}, kvm {verdicts[1]}: {table}"
+        event("refused" if verdicts[0] else "accepted")
+        gsis = _probe_gsis(table)
+        assert ([(model.irq_line(g, 1), model.irq_line(g, 0)) for g in gsis]
+                == [(real.irq_line(g, 1), real.irq_line(g, 0)) for g in gsis])
