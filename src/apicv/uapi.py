@@ -100,6 +100,7 @@ EINVAL = _errno.EINVAL
 EPERM = _errno.EPERM
 EBUSY = _errno.EBUSY
 ENXIO = _errno.ENXIO
+ENOENT = _errno.ENOENT
 EBADF = _errno.EBADF
 EEXIST = _errno.EEXIST
 EFAULT = _errno.EFAULT
@@ -128,6 +129,14 @@ KVM_IOAPIC_DEFAULT_BASE_ADDRESS = 0xFEC00000
 KVM_USERSPACE_IRQ_SOURCE_ID = 0
 # the in-kernel PIC's ports on KVM_PIO_BUS (kvm_pic_init): master, slave, ELCR
 PIC_PORTS = frozenset((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1))
+# the in-kernel i8254's ports (kvm_create_pit): channels 0-2 and the control word at
+# 0x40-0x43, the speaker port 0x61 (registered only with KVM_PIT_SPEAKER_DUMMY)
+PIT_PORTS = frozenset((0x40, 0x41, 0x42, 0x43, 0x61))
+KVM_PIT_SPEAKER_DUMMY = 1  # struct kvm_pit_config.flags (KVM_CREATE_PIT2)
+KVM_PIT_FLAGS_HPET_LEGACY = 0x00000001  # struct kvm_pit_state2.flags
+KVM_PIT_FLAGS_SPEAKER_DATA_ON = 0x00000002
+KVM_PIT_CHANNEL_STATE_SIZE = 24  # struct kvm_pit_channel_state
+KVM_PIT_STATE2_SIZE = 3 * KVM_PIT_CHANNEL_STATE_SIZE + 4 + 4 * 9  # struct kvm_pit_state2
 
 # KVM paravirtual MSRs and flags (arch/x86/include/uapi/asm/kvm_para.h)
 MSR_KVM_PV_EOI_EN = 0x4B564D04
