@@ -38,6 +38,7 @@ from .uapi import (
     KVM_MP_STATE_RUNNABLE,
     KVM_X86_QUIRK_LAPIC_MMIO_HOLE,
     PIC_PORTS,
+    PIT_PORTS,
 )
 
 if TYPE_CHECKING:
@@ -128,15 +129,17 @@ class GuestMixin:
         self._kvm_run(lambda: self._ioapic_mmio(offset, size, value))
 
     def inb(self, port: int) -> int:
-        """The guest executes IN AL, DX on an in-kernel PIC port (0x20/0x21, 0xA0/0xA1) or
-        ELCR port (0x4D0/0x4D1)."""
+        """The guest executes IN AL, DX on an in-kernel PIC port (0x20/0x21, 0xA0/0xA1), ELCR
+        port (0x4D0/0x4D1) or PIT port (0x40-0x43, speaker 0x61). A port no in-kernel device
+        claims (no PIC with a split irqchip, no PIT before KVM_CREATE_PIT2, 0x61 without
+        KVM_PIT_SPEAKER_DUMMY) exits to userspace: IoExit."""
         self._check_port(port)
         out: list[int] = []
         self._kvm_run(lambda: out.append(self._pio(port, None)))
         return out[0]
 
     def outb(self, port: int, value: int) -> None:
-        """The guest executes OUT DX, AL on an in-kernel PIC or ELCR port."""
+        """The guest executes OUT DX, AL on an in-kernel PIC, ELCR or PIT port (see inb)."""
         self._check_port(port)
         if not 0 <= value <= 0xFF:
             raise ValueError(f"value {value:#x} does not fit in a byte")
@@ -440,9 +443,9 @@ class GuestMixin:
 
     @staticmethod
     def _check_port(port: int) -> None:
-        if port not in PIC_PORTS:
-            raise ValueError(f"port {port:#x} is not an in-kernel PIC/ELCR port "
-                             f"({', '.join(hex(p) for p in sorted(PIC_PORTS))})")
+        if port not in PIC_PORTS and port not in PIT_PORTS:
+            raise ValueError(f"port {port:#x} is not an in-kernel PIC/ELCR/PIT port "
+                             f"({', '.join(hex(p) for p in sorted(PIC_PORTS | PIT_PORTS))})")
 
     @staticmethod
     def _check_guest_mem(gpa: int, size: int) -> None:
@@ -471,10 +474,16 @@ class GuestMixin:
         return self._reenter_after(emulate, "TDCALL" if self.td else "EPT_MISCONFIG")
 
     def _pio(self, port: int, value: int | None) -> int:
-        """IN/OUT on a PIC port: an I/O-instruction exit the in-kernel PIC handles."""
+        """IN/OUT on a PIC or PIT port: an I/O-instruction exit the in-kernel device handles,
+        or that goes to userspace when none claims the port."""
         vm = self.vm
 
         def emulate() -> int:
+            if port in PIT_PORTS:
+                out = vm.pit_pio(port, value)
+                if out is None:
+                    raise IoExit(port, 1, value is not None)  # no in-kernel PIT: userspace
+                return out
             if vm.pic is None:
                 raise IoExit(port, 1, value is not None)  # no in-kernel PIC: userspace
             if value is None:
