@@ -423,6 +423,46 @@ class KvmVm:
         ctypes.memmove(ctypes.addressof(chip.chip), data, len(data))
         ioctl(self._vm_fd, K.KVM_SET_IRQCHIP, chip)
 
+    # ------------------------------------------------------------------ the i8254 PIT
+    def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2 with struct kvm_pit_config {flags}: the in-kernel PIT on ports
+        0x40-0x43 (and the speaker port 0x61 with KVM_PIT_SPEAKER_DUMMY), IRQ0 through the
+        GSI routing, reinject mode on. EEXIST when the VM has one. ValueError over 32 bits."""
+        self.check_open()
+        if isinstance(flags, bool) or not isinstance(flags, int):
+            raise ValueError(f"flags={flags!r}: a u32 (struct kvm_pit_config.flags)")
+        ioctl(self._vm_fd, K.KVM_CREATE_PIT2, K.kvm_pit_config(flags=_u32("flags", flags)))
+
+    def get_pit2(self) -> bytes:
+        """KVM_GET_PIT2: struct kvm_pit_state2 (112 bytes; see apicv.i8254.unpack_pit_state2).
+        ENXIO without a PIT. ``count_load_time`` is the host's ktime (CLOCK_MONOTONIC ns):
+        it never matches the model's."""
+        self.check_open()
+        st = K.kvm_pit_state2()
+        ioctl(self._vm_fd, K.KVM_GET_PIT2, st)
+        return bytes(st)
+
+    def set_pit2(self, data: bytes) -> None:
+        """KVM_SET_PIT2: load a struct kvm_pit_state2 (112 bytes, else ValueError). ENXIO
+        without a PIT. KVM reloads each count (0 is 0x10000; channels 1 and 2 restart now)."""
+        self.check_open()
+        data = bytes(data)
+        if len(data) != MU.KVM_PIT_STATE2_SIZE:
+            raise ValueError(f"struct kvm_pit_state2 is {MU.KVM_PIT_STATE2_SIZE} bytes, "
+                             f"got {len(data)}")
+        ioctl(self._vm_fd, K.KVM_SET_PIT2, K.kvm_pit_state2.from_buffer_copy(data))
+
+    def reinject_control(self, reinject: bool | int) -> None:
+        """KVM_REINJECT_CONTROL with struct kvm_reinject_control {pit_reinject: u8}: nonzero
+        reinjects missed ticks (KVM's default), 0 discards them. ENXIO without a PIT;
+        ValueError outside a u8."""
+        self.check_open()
+        if isinstance(reinject, bool):
+            reinject = int(reinject)
+        if not isinstance(reinject, int) or not 0 <= reinject <= 0xFF:
+            raise ValueError(f"pit_reinject={reinject!r}: a u8")
+        ioctl(self._vm_fd, K.KVM_REINJECT_CONTROL, K.kvm_reinject_control(pit_reinject=reinject))
+
     # ------------------------------------------------------------------ guest RAM (VMM side)
     def read_guest(self, gpa: int, size: int) -> bytes:
         """The VMM reads guest RAM (the RAM memslot's mmap, no ioctl); ValueError unless

@@ -204,6 +204,31 @@ KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
 
+class kvm_pit_config(_Struct):
+    # KVM_CREATE_PIT2: flags (KVM_PIT_SPEAKER_DUMMY), the rest padding
+    _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+class kvm_pit_channel_state(_Struct):
+    _fields_ = [("count", u32), ("latched_count", u16)] + [(n, u8) for n in (
+        "count_latched", "status_latched", "status", "read_state", "write_state",
+        "write_latch", "rw_mode", "mode", "bcd", "gate")] + [("count_load_time", ctypes.c_int64)]
+
+
+class kvm_pit_state2(_Struct):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class kvm_reinject_control(_Struct):
+    _fields_ = [("pit_reinject", u8), ("reserved", u8 * 31)]
+
+
+assert ctypes.sizeof(kvm_pit_config) == 64
+assert ctypes.sizeof(kvm_pit_channel_state) == 24
+assert ctypes.sizeof(kvm_pit_state2) == 112
+assert ctypes.sizeof(kvm_reinject_control) == 32
+
+
 class kvm_enable_cap(_Struct):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -551,6 +576,10 @@ KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
 KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
+KVM_REINJECT_CONTROL = _IO(KVMIO, 0x71)  # takes a struct kvm_reinject_control pointer
+KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, kvm_pit_state2)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 # vCPU
 KVM_RUN = _IO(KVMIO, 0x80)

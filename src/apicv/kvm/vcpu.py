@@ -337,13 +337,16 @@ class KvmVcpu:
 
     def inb(self, port: int) -> int:
         """The guest executes IN AL, DX on a port of the in-kernel i8259 PIC (0x20, 0x21,
-        0xA0, 0xA1) or its ELCR (0x4D0, 0x4D1); KVM handles it without a userspace exit.
-        With a split irqchip there is no in-kernel PIC: IoExit (the guest read 0xFF)."""
+        0xA0, 0xA1), its ELCR (0x4D0, 0x4D1) or the i8254 PIT (0x40-0x43, speaker 0x61); KVM
+        handles it without a userspace exit. A port no in-kernel device claims (no PIC with a
+        split irqchip, no PIT before KVM_CREATE_PIT2, 0x61 without KVM_PIT_SPEAKER_DUMMY)
+        exits to userspace: IoExit (the guest read 0xFF)."""
         self._check_port(port)
         return self._op(G.CMD_IN, arg0=port) & 0xFF
 
     def outb(self, port: int, value: int) -> None:
-        """The guest executes OUT DX, AL on a PIC/ELCR port (see inb; IoExit when split)."""
+        """The guest executes OUT DX, AL on a PIC/ELCR/PIT port (see inb; IoExit when no
+        in-kernel device claims it)."""
         self._check_port(port)
         self._check_value(value, 1)
         self._op(G.CMD_OUT, arg0=port, arg1=value)
@@ -380,9 +383,10 @@ class KvmVcpu:
 
     @staticmethod
     def _check_port(port: int) -> None:
-        if port not in G.PIC_PORTS:
-            raise ValueError(f"port {port:#x} is not an in-kernel PIC/ELCR port "
-                             f"({', '.join(f'{p:#x}' for p in sorted(G.PIC_PORTS))})")
+        if port not in G.PIC_PORTS and port not in MU.PIT_PORTS:
+            ports = sorted(G.PIC_PORTS | MU.PIT_PORTS)
+            raise ValueError(f"port {port:#x} is not an in-kernel PIC/ELCR/PIT port "
+                             f"({', '.join(f'{p:#x}' for p in ports)})")
 
     @staticmethod
     def _check_ram(gpa: int, size: int) -> None:
