@@ -39,6 +39,10 @@ KVM_REINJECT_CONTROL, and the guest's port I/O.
 agree on it, and a kvm_pit_state2 taken from one backend carries a meaningless load time into
 the other (channels 1 and 2 are reloaded with "now" by KVM_SET_PIT2 anyway; channel 0's is
 kept but unused -- channel 0 counts from its timer).
+
+Why this module is long: it is all of i8254.c -- the counting formulas, the port decoders, the
+timer and reinject machinery and the state ioctls act on the same ``struct kvm_pit``, and the
+VM's half of the ioctls is a few lines beside them.
 """
 
 from __future__ import annotations
