@@ -153,6 +153,38 @@ class Tracer:
                    f"chip {chip} pin {pin} ({'level' if elcr >> pin & 1 else 'edge'}"
                    f"{'|masked' if imr >> pin & 1 else ''}){' (coalesced)' if coalesced else ''}")
 
+    # -- nested VMX (arch/x86/kvm/trace.h; KVM_ISA_VMX; reason names as VMX_EXIT_REASONS) --
+    def kvm_nested_vmenter(self, rip: int, vmcs: int, nested_rip: int, int_ctl: int,
+                           event_inj: int, tdp_enabled: bool, guest_pgd: int) -> None:
+        """trace_kvm_nested_vmenter (nested_vmx_enter_non_root_mode): int_ctl is
+        vmcs12->guest_intr_status, event_inj vmcs12->vm_entry_intr_info_field."""
+        self._emit("kvm_nested_vmenter",
+                   f"rip: 0x{rip:016x} vmcs: 0x{vmcs:016x} nested_rip: 0x{nested_rip:016x} "
+                   f"int_ctl: 0x{int_ctl:08x} event_inj: 0x{event_inj:08x} "
+                   f"nested_ept={'y' if tdp_enabled else 'n'} "
+                   f"{'nested_eptp' if tdp_enabled else 'guest_cr3'}: 0x{guest_pgd:016x}")
+
+    def kvm_nested_vmexit(self, vcpu_id: int, reason: str, rip: int, info1: int, info2: int,
+                          intr_info: int, error_code: int) -> None:
+        """trace_kvm_nested_vmexit (TRACE_EVENT_KVM_EXIT; nested_vmx_reflect_vmexit): an exit
+        from L2 that KVM looks at before deciding whether L1 wants it."""
+        self._emit("kvm_nested_vmexit",
+                   f"vcpu {vcpu_id} reason {reason} rip 0x{rip:x} info1 0x{info1:016x} "
+                   f"info2 0x{info2:016x} intr_info 0x{intr_info:08x} "
+                   f"error_code 0x{error_code:08x}")
+
+    def kvm_nested_vmexit_inject(self, reason: str, info1: int, info2: int, exit_int: int,
+                                 exit_int_err: int) -> None:
+        """trace_kvm_nested_vmexit_inject (nested_vmx_vmexit): the exit L1 is given."""
+        self._emit("kvm_nested_vmexit_inject",
+                   f"reason: {reason} ext_inf1: 0x{info1:016x} ext_inf2: 0x{info2:016x} "
+                   f"ext_int: 0x{exit_int:08x} ext_int_err: 0x{exit_int_err:08x}")
+
+    def kvm_nested_intr_vmexit(self, rip: int) -> None:
+        """trace_kvm_nested_intr_vmexit: ``rip: 0x%016llx``. Only SVM's nested_svm_intr()
+        fires it; KVM's VMX code never does, so a VMX trace (the model's) never shows it."""
+        self._emit("kvm_nested_intr_vmexit", f"rip: 0x{rip:016x}")
+
     def kvm_timer_expired(self, apicid: int, mode: str) -> None:
         """Not a KVM tracepoint: the model marks hrtimer expiry (apic_timer_fn) on the timeline."""
         self.timeline.append((self.clock.now, apicid, "timer", mode))
