@@ -15,6 +15,10 @@ acknowledged on exit is handed to L1's handler for it at once (KVM's own L1 code
 handle_external_interrupt_irqoff): it shows in L1's ``take_interrupts()`` and is EOI'd.
 Exits to L0 are counted per level: ``vcpu.exit_counts`` (L1), ``vcpu.nested.l2_exit_counts``
 (while L2 ran); ``vcpu.nested.l1_exit_counts`` counts the nested exits L1 was given.
+
+Why this module is long: it is the vCPU's nested half -- the x86.c event paths with their
+guest-mode branches and the processor running L2 -- and each override is the nested branch of
+one Vcpu/GuestMixin method, kept beside the others that share vmcs12 and the level switch.
 """
 
 from __future__ import annotations
