@@ -357,9 +357,9 @@ def test_pic_ports_from_the_guest(vm):
 
 
 def test_port_argument_checks(vm):
-    """Only the PIC and ELCR ports; one byte."""
+    """Only the PIC, ELCR and PIT ports (0x40-0x43, 0x61); one byte."""
     cpu = vm.vcpus[0]
-    for port in (0x22, 0x40, 0x3F0, 0x4D2):
+    for port in (0x22, 0x44, 0x3F0, 0x4D2):
         with pytest.raises(ValueError):
             cpu.inb(port)
     with pytest.raises(ValueError):

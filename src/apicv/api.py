@@ -26,7 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from . import uapi as U
 
-__all__ = ["ClockAPI", "IrqchipRoute", "MsiRoute", "RestingVcpuAPI", "VcpuAPI", "VcpuEvents",
+__all__ = ["ClockAPI", "IrqchipRoute", "MsiRoute", "RestingVcpuAPI", "Sregs", "VcpuAPI",
+           "VcpuEvents",
            "VmAPI", "VmConfig", "MAX_VCPUS", "KVM_MAX_IRQ_ROUTES", "default_routing",
            "mmio_offset"]
 
@@ -315,6 +316,26 @@ class VcpuEvents:
     def replace(self, **changes: int) -> VcpuEvents:
         return dataclasses.replace(self, **changes)
 
+@dataclass(frozen=True, slots=True)
+class Sregs:
+    """The APIC part of ``struct kvm_sregs`` (KVM_GET_SREGS / KVM_SET_SREGS): ``apic_base``
+    (IA32_APIC_BASE, restored through ``kvm_apic_set_base`` with host_initiated) and ``cr8``
+    (TPR[7:4]; KVM_SET_SREGS writes TPR = cr8 << 4 through ``kvm_set_cr8``). Both backends'
+    ``set_sregs`` change only these two fields of what KVM_GET_SREGS returned."""
+
+    apic_base: int
+    cr8: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("apic_base", "cr8"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= (1 << 64) - 1:
+                raise ValueError(f"Sregs.{name}={v!r}: a u64 field of struct kvm_sregs")
+
+    def replace(self, **changes: int) -> Sregs:
+        return dataclasses.replace(self, **changes)
+
+
 @runtime_checkable
 class ClockAPI(Protocol):
     """``vm.clock``: the model's virtual clock, or wall time on the real backend."""
@@ -371,6 +392,10 @@ class VcpuAPI(Protocol):
     def interrupt(self, vector: int) -> None: ...             # KVM_INTERRUPT
     def get_vcpu_events(self) -> VcpuEvents: ...              # KVM_GET_VCPU_EVENTS
     def set_vcpu_events(self, events: VcpuEvents) -> None: ...  # KVM_SET_VCPU_EVENTS
+    def get_sregs(self) -> Sregs: ...                         # KVM_GET_SREGS (APIC part)
+    def set_sregs(self, sregs: Sregs) -> None: ...            # KVM_SET_SREGS (APIC part)
+    def get_tsc_khz(self) -> int: ...                         # KVM_GET_TSC_KHZ
+    def set_tsc_khz(self, khz: int) -> None: ...              # KVM_SET_TSC_KHZ
 
     # -- what KVM_RUN returned to userspace for on the way (split irqchip) --
     def pop_exits(self) -> list[tuple[str, int]]: ...         # e.g. [("IOAPIC_EOI", vector)]
@@ -412,6 +437,12 @@ class VmAPI(Protocol):
     def irqfd(self, fd: int, gsi: int, *, resamplefd: int | None = None,
               deassign: bool = False) -> None: ...            # KVM_IRQFD
     def poll_irqfds(self) -> None: ...                        # let irqfd writes reach the guest
+    def create_pit2(self, flags: int = 0) -> None: ...        # KVM_CREATE_PIT2
+    def get_pit2(self) -> bytes: ...                          # KVM_GET_PIT2 (kvm_pit_state2)
+    def set_pit2(self, data: bytes) -> None: ...              # KVM_SET_PIT2
+    def reinject_control(self, reinject: bool) -> None: ...   # KVM_REINJECT_CONTROL
+    def get_clock(self) -> int: ...                           # KVM_GET_CLOCK (kvmclock ns)
+    def set_clock(self, ns: int, flags: int = 0) -> None: ...  # KVM_SET_CLOCK
     def read_guest(self, gpa: int, size: int) -> bytes: ...
     def write_guest(self, gpa: int, data: bytes) -> None: ...
     @property

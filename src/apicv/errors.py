@@ -77,7 +77,8 @@ class IoExit(ApicvError):
         self.size = size
         self.is_write = is_write
         kind = "OUT" if is_write else "IN"
-        super().__init__(f"KVM_EXIT_IO: {size}-byte {kind} at port {port:#x} (no in-kernel PIC)")
+        super().__init__(f"KVM_EXIT_IO: {size}-byte {kind} at port {port:#x} (no in-kernel "
+                         "device claims it)")
 
 
 class VcpuNotRunnable(ApicvError):

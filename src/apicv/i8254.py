@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import apicdef as A
 from . import uapi as U
 from .errors import KvmError
 
@@ -579,20 +580,57 @@ def pack_pit_state2(channels: list[dict[str, int]], flags: int = 0) -> bytes:
         raise ValueError(f"kvm_pit_state2: {e}") from None
 
 
+class VmPitPort:
+    """The :class:`PitPort` of a VM: the PIT's narrow view of the VM's public KVM functions
+    (kvm_set_irq, irq source ids, ack and mask notifiers, the PIT_REINJ inhibit, the LVT0
+    NMI watchdog)."""
+
+    __slots__ = ("clock", "ioapic_in_kernel", "min_timer_period_us", "set_irq",
+                 "request_irq_source_id", "register_ack_notifier", "unregister_ack_notifier",
+                 "register_mask_notifier", "unregister_mask_notifier", "vm")
+
+    def __init__(self, vm: Any) -> None:
+        self.vm = vm
+        self.clock = vm.clock
+        self.ioapic_in_kernel = vm.kvm.ioapic_in_kernel
+        self.min_timer_period_us = vm.kvm.min_timer_period_us
+        self.set_irq = vm.kvm_set_irq
+        self.request_irq_source_id = vm.kvm_request_irq_source_id
+        self.register_ack_notifier = vm.kvm_register_irq_ack_notifier
+        self.unregister_ack_notifier = vm.kvm_unregister_irq_ack_notifier
+        self.register_mask_notifier = vm.kvm_register_irq_mask_notifier
+        self.unregister_mask_notifier = vm.kvm_unregister_irq_mask_notifier
+
+    def set_apicv_inhibit(self, reason_name: str, set_: bool) -> None:
+        """kvm_set_or_clear_apicv_inhibit(APICV_INHIBIT_REASON_<reason_name>)."""
+        from .kvm_host import ApicvInhibit
+
+        self.vm.kvm_set_or_clear_apicv_inhibit(ApicvInhibit[reason_name], set_)
+
+    def vapics_in_nmi_mode(self) -> int:
+        return self.vm.kvm.vapics_in_nmi_mode
+
+    def nmi_watchdog_deliver(self) -> None:
+        """kvm_apic_nmi_wd_deliver() on every vCPU: kvm_apic_local_deliver(APIC_LVT0)."""
+        for v in self.vm.vcpus:
+            v.apic.kvm_apic_local_deliver(A.APIC_LVT0)
+
+
 class PitIoctlsMixin:
     """The PIT's VM ioctls and guest port I/O, mixed into :class:`apicv.vm.Vm`, which provides
     ``self.pit`` (None until KVM_CREATE_PIT2), ``self.pic`` (None without an in-kernel
-    PIC), ``self.pit_port()`` (the :class:`PitPort`),
-    ``self.vm_ioctl()`` (an ioctl whose effects are settled when it ends) and
-    ``self.check_open()``."""
+    PIC), ``self.vm_ioctl()`` (an ioctl whose effects are settled when it ends) and
+    ``self.check_open()``; the PIT sees the VM through :class:`VmPitPort`."""
 
     pit: KvmPit | None
     pic: Any
 
     if TYPE_CHECKING:
-        def pit_port(self) -> PitPort: ...
         def vm_ioctl(self) -> Any: ...
         def check_open(self) -> None: ...
+
+    def pit_port(self) -> PitPort:
+        return VmPitPort(self)
 
     def create_pit2(self, flags: int = 0) -> None:
         """KVM_CREATE_PIT2 (``kvm_arch_vm_ioctl`` -> ``kvm_create_pit``): EEXIST when the VM

@@ -29,6 +29,7 @@ from .arch import SEB_DISABLED, SEB_ENABLED, KvmArch
 from .clock import Clock
 from .delivery import Router
 from .errors import KvmError
+from .i8254 import PitIoctlsMixin
 from .i8259 import KvmPic
 from .ioapic import KvmIoapic
 from .irq_routing import IrqRoutingMixin
@@ -93,7 +94,7 @@ class DevicePort:
         self.has_notifier = vm.kvm_irq_has_notifier
 
 
-class Vm(IrqRoutingMixin):
+class Vm(IrqRoutingMixin, PitIoctlsMixin):
     """The model of a KVM VM with *nr_vcpus* vCPUs, configured by a :class:`~apicv.api.VmConfig`
     (or the same fields as keyword arguments).
 
@@ -155,6 +156,7 @@ class Vm(IrqRoutingMixin):
         self.mem = GuestMemory()  # guest RAM (VAPIC words, PV-EOI bytes)
         self.ioapic: KvmIoapic | None = None  # the in-kernel IOAPIC (irqchip="kernel")
         self.pic: KvmPic | None = None  # the in-kernel i8259 pair (irqchip="kernel")
+        self.pit = None  # the in-kernel i8254 (KVM_CREATE_PIT2)
         self.eoi_broadcasts: list[tuple[int, int, bool]] = []  # (vcpu_id, vector, level)
         # kvm_apicv_init(): ABSENT until the irqchip exists, DISABLED without enable_apicv
         # (set_or_clear_apicv_inhibit traces it, whatever enable_apicv is)
@@ -742,6 +744,8 @@ class Vm(IrqRoutingMixin):
             v.apic.cancel_apic_timer()
         if self.ioapic is not None:
             self.ioapic.eoi_inject.cancel()
+        if self.pit is not None:
+            self.pit.kvm_free_pit()
 
     def __enter__(self) -> Vm:
         return self
