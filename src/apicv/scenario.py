@@ -182,6 +182,27 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
             out[k] = _parse_value("u64" if k == "exception_payload" else "u32", x, file, step,
                                   f"{fld}.{k}")
         return out
+    if kind == "pit":
+        from .i8254 import CHANNEL_FIELDS
+
+        if not isinstance(v, dict):
+            raise _err(file, step, fld, "expected a table: ch0/ch1/ch2 (channel fields), flags")
+        out = {}
+        for k, x in v.items():
+            if k == "flags":
+                out[k] = _parse_value("u32", x, file, step, f"{fld}.flags")
+            elif k in ("ch0", "ch1", "ch2") and isinstance(x, dict):
+                ch = {}
+                for f, y in x.items():
+                    if f not in CHANNEL_FIELDS:
+                        known = ", ".join(CHANNEL_FIELDS)
+                        raise _err(file, step, f"{fld}.{k}.{f}",
+                                   f"not a kvm_pit_channel_state field ({known})")
+                    ch[f] = parse_int(y, file, step, f"{fld}.{k}.{f}")
+                out[k] = ch
+            else:
+                raise _err(file, step, f"{fld}.{k}", "expected ch0, ch1, ch2 (tables) or flags")
+        return out
     if kind == "routes":
         if not isinstance(v, list):
             raise _err(file, step, fld, "expected a list of route tables")
@@ -445,6 +466,8 @@ def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
         return v
     if kind == "events":
         return _parse_value("events", v, file, i, "expect")
+    if kind == "pit":
+        return _parse_value("pit", v, file, i, "expect")
     if kind == "exits":
         if not isinstance(v, list) or not all(
                 isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) for x in v):
@@ -616,6 +639,16 @@ class Runner:
             kind = OPS[st.op].expect
             if kind == "regs":
                 return check_state_expect(out.value, st.expect)
+            if kind == "pit":
+                from .i8254 import unpack_pit_state2
+
+                got = unpack_pit_state2(out.value)
+                bad = [f"flags = {got['flags']:#x}, expected {st.expect['flags']:#x}"
+                       ] if "flags" in st.expect and got["flags"] != st.expect["flags"] else []
+                for i, ch in enumerate(got["channels"]):
+                    bad += [f"ch{i}.{f} = {ch[f]:#x}, expected {w:#x}"
+                            for f, w in st.expect.get(f"ch{i}", {}).items() if ch[f] != w]
+                return "; ".join(bad) or None
             if kind == "events":
                 bad = [f"{k} = {getattr(out.value, k):#x}, expected {w:#x}"
                        for k, w in st.expect.items() if getattr(out.value, k) != w]

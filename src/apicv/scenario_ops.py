@@ -148,6 +148,17 @@ def _set_vcpu_events(r: Runner, cpu, a: dict[str, Any]) -> None:
     return cpu.set_vcpu_events(cpu.get_vcpu_events().replace(**a["patch"]))
 
 
+def _set_pit2(r: Runner, vm, a: dict[str, Any]) -> None:
+    """KVM_GET_PIT2, the patch applied (channel tables ch0..ch2, flags), KVM_SET_PIT2."""
+    from .i8254 import pack_pit_state2, unpack_pit_state2
+
+    st = unpack_pit_state2(vm.get_pit2())
+    patch = a["patch"]
+    for i, ch in enumerate(st["channels"]):
+        ch.update(patch.get(f"ch{i}", {}))
+    return vm.set_pit2(pack_pit_state2(st["channels"], patch.get("flags", st["flags"])))
+
+
 def _location(method: str) -> Callable[[Runner, Any, dict[str, Any]], str]:
     def call(r: Runner, cpu, a: dict[str, Any]) -> str:
         if method == "enter_guest" or method == "halt":
@@ -232,6 +243,13 @@ OP_TABLE: tuple[Op, ...] = (
     Op("poll_irqfds", {}, lambda r, vm, a: vm.poll_irqfds(), target="vm"),
     Op("pop_exits", {"vcpu": _V}, lambda r, c, a: c.pop_exits(), expect="exits"),
     # KVM_INTERRUPT (split irqchip: the userspace PIC's ExtINT) and struct kvm_vcpu_events
+    # the in-kernel PIT (KVM_CREATE_PIT2, KVM_GET/SET_PIT2, KVM_REINJECT_CONTROL)
+    Op("create_pit2", {"flags": ("u32", False)},
+       lambda r, vm, a: vm.create_pit2(a.get("flags", 0)), target="vm"),
+    Op("get_pit2", {}, lambda r, vm, a: vm.get_pit2(), target="vm", expect="pit"),
+    Op("set_pit2", {"patch": ("pit", True)}, _set_pit2, target="vm"),
+    Op("reinject_control", {"reinject": ("bool", True)},
+       lambda r, vm, a: vm.reinject_control(a["reinject"]), target="vm"),
     Op("interrupt", {"vcpu": _V, "vector": ("u32", True)},
        lambda r, c, a: c.interrupt(a["vector"])),
     Op("get_vcpu_events", {"vcpu": _V}, lambda r, c, a: c.get_vcpu_events(), expect="events"),
