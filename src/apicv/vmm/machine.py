@@ -72,7 +72,7 @@ class BootResult:
     rips: dict[int, int] = field(default_factory=dict)  # vCPU id -> RIP when it stopped
 
 
-class _Vcpu:
+class VmmVcpu:
     """One KVM vCPU, its kvm_run page and its thread's state."""
 
     def __init__(self, machine: Machine, vcpu_id: int, fd: int) -> None:
@@ -162,7 +162,7 @@ class Machine(ModelIrqchipMixin):
         self.timer_wake_at = 0  # model time the timer loop sleeps until
         self.polling_windows = False  # the timer loop polls vCPUs waiting for a window
         self.result: BootResult | None = None
-        self.vcpus: list[_Vcpu] = []
+        self.vcpus: list[VmmVcpu] = []
         self.vm = None  # the model Vm (irqchip="model")
         self.injected = 0
         self.nmis = 0
@@ -203,7 +203,7 @@ class Machine(ModelIrqchipMixin):
         for vid in range(self.smp):
             fd = ioctl(self.vm_fd, K.KVM_CREATE_VCPU, vid)
             try:
-                v = _Vcpu(self, vid, fd)  # closes fd with the vCPU from now on
+                v = VmmVcpu(self, vid, fd)  # closes fd with the vCPU from now on
             except BaseException:
                 os.close(fd)
                 raise
@@ -220,7 +220,7 @@ class Machine(ModelIrqchipMixin):
             self._build_model(trace, trace_limit)
         self._mask_pic()
 
-    def _set_cpuid(self, v: _Vcpu) -> None:
+    def _set_cpuid(self, v: VmmVcpu) -> None:
         """KVM_SET_CPUID2: the supported CPUID with this vCPU's APIC ID and the x2APIC /
         TSC-deadline bits asked for (kvm.sys.vcpu_cpuid), plus the logical-processor count
         (1:EBX[23:16], HTT), the APIC bit, and no PV features that need KVM's LAPIC when the
@@ -239,7 +239,7 @@ class Machine(ModelIrqchipMixin):
         v.ioctl(K.KVM_SET_CPUID2, buf)
         self.cpuid_1_eax = next((e.eax for e in self.supported_cpuid if e.function == 1), 0)
 
-    def _set_entry_state(self, v: _Vcpu) -> None:
+    def _set_entry_state(self, v: VmmVcpu) -> None:
         """Multiboot entry: 32-bit protected mode, paging off, flat segments; EAX magic, EBX
         the MBI (KVM_GET_SREGS first so that apic_base and the rest keep KVM's values)."""
         s = K.kvm_sregs()
@@ -298,7 +298,7 @@ class Machine(ModelIrqchipMixin):
         for v in self.vcpus:
             self._kick(v)
 
-    def _kick(self, v: _Vcpu) -> None:
+    def _kick(self, v: VmmVcpu) -> None:
         if v.waiting:
             v.wake.set()
         elif v.in_run and v.tid:
@@ -357,7 +357,7 @@ class Machine(ModelIrqchipMixin):
             self.out.flush()
         return res
 
-    def _insn_at(self, v: _Vcpu, rip: int) -> bytes:
+    def _insn_at(self, v: VmmVcpu, rip: int) -> bytes:
         """The 3 bytes at CS:RIP (KVM_TRANSLATE of the linear address), or b"" if not RAM."""
         s = K.kvm_sregs()
         if ioctl_raw(v.fd, K.KVM_GET_SREGS, s)[0] != 0:
@@ -416,7 +416,7 @@ class Machine(ModelIrqchipMixin):
                 with self.lock:
                     clock = vm.clock
                     clock.sync()
-                    self._drain_kicks()
+                    vm.deliver_kicks()
                     nxt = clock.next_expiry()
                     if nxt is not None:
                         wait = min(wait, max(0.0, (nxt - clock.now) / 1e9))
@@ -449,7 +449,7 @@ class Machine(ModelIrqchipMixin):
         self.polling_windows = waiting
         return waiting
 
-    def _thread(self, body, v: _Vcpu) -> None:
+    def _thread(self, body, v: VmmVcpu) -> None:
         v.tid = threading.get_ident()
         try:
             body(v)
@@ -460,7 +460,7 @@ class Machine(ModelIrqchipMixin):
             self._finish(BootResult(status=STATUS_ERROR, reason="error",
                                     message=f"vCPU {v.vcpu_id}: {type(e).__name__}: {e}"))
 
-    def _kvm_run(self, v: _Vcpu) -> bool:
+    def _kvm_run(self, v: VmmVcpu) -> bool:
         """KVM_RUN; False if it was interrupted (EINTR/EAGAIN) rather than an exit."""
         r, e = ioctl_raw(v.fd, K.KVM_RUN)
         if r < 0:
@@ -470,7 +470,7 @@ class Machine(ModelIrqchipMixin):
         return True
 
     # -- the kernel irqchip: KVM does everything but the devices --
-    def _vcpu_loop_kernel(self, v: _Vcpu) -> None:
+    def _vcpu_loop_kernel(self, v: VmmVcpu) -> None:
         v.in_run = True  # a stop kicks it out of KVM_RUN (an AP blocks there until SIPI)
         while not self.done.is_set():
             if self._kvm_run(v):
@@ -481,7 +481,7 @@ class Machine(ModelIrqchipMixin):
                 v.run.immediate_exit = 0
 
     # ------------------------------------------------------------------ exits
-    def _handle_exit(self, v: _Vcpu) -> None:
+    def _handle_exit(self, v: VmmVcpu) -> None:
         run = v.run
         reason = run.exit_reason
         v.exits[K.EXIT_REASON_NAMES.get(reason, str(reason))] += 1
@@ -494,7 +494,7 @@ class Machine(ModelIrqchipMixin):
         elif reason == K.KVM_EXIT_HLT:
             v.halt_if = bool(run.if_flag)
             if v.model is not None:
-                v.model._set_mp_state(KVM_MP_STATE_HALTED)  # __kvm_emulate_halt
+                v.model.kvm_set_mp_state(KVM_MP_STATE_HALTED)  # __kvm_emulate_halt
         elif reason in (K.KVM_EXIT_IRQ_WINDOW_OPEN, K.KVM_EXIT_SET_TPR, K.KVM_EXIT_INTR,
                         K.KVM_EXIT_DEBUG):
             pass
@@ -518,7 +518,7 @@ class Machine(ModelIrqchipMixin):
                                     message=f"vCPU {v.vcpu_id}: {name}{detail} at RIP "
                                             f"{r.rip:#x}"))
 
-    def _pio(self, v: _Vcpu) -> None:
+    def _pio(self, v: VmmVcpu) -> None:
         io = v.run.u.io
         size, port, count = io.size, io.port, io.count
         addr = v.run_base + io.data_offset
