@@ -233,7 +233,7 @@ def test_bsp_init_resets_and_agent_recovers(vm):
     bsp.mmio_write(ICR2, 0)
     bsp.mmio_write(ICR, 0x4500)  # INIT to itself
     assert bsp.get_mp_state() == U.KVM_MP_STATE_RUNNABLE
-    assert not bsp.get_sregs().cr0 & (1 << 31)
+    assert not bsp.get_kvm_sregs().cr0 & (1 << 31)
     page = bytearray(bsp.get_lapic())
     assert reg(page, SPIV) == 0xFF
     struct.pack_into("<I", page, TPR, 0x7B)

@@ -12,7 +12,7 @@ The core imports with the standard library alone.
 """
 
 from . import state
-from .api import IrqchipRoute, MsiRoute, VcpuAPI, VcpuEvents, VmAPI, VmConfig
+from .api import IrqchipRoute, MsiRoute, Sregs, VcpuAPI, VcpuEvents, VmAPI, VmConfig
 from .backends import Vm
 from .errors import (
     ApicvError,
@@ -44,6 +44,7 @@ __all__ = [
     "MsrRejected",
     "ModelVm",
     "ScenarioError",
+    "Sregs",
     "StateError",
     "Vcpu",
     "VcpuAPI",

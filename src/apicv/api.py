@@ -27,8 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 from . import uapi as U
 
 __all__ = ["ClockAPI", "IrqchipRoute", "MsiRoute", "RestingVcpuAPI", "Sregs", "VcpuAPI",
-           "VcpuEvents",
-           "VmAPI", "VmConfig", "MAX_VCPUS", "KVM_MAX_IRQ_ROUTES", "default_routing",
+           "VcpuEvents", "VmAPI", "VmConfig", "MAX_VCPUS", "KVM_MAX_IRQ_ROUTES", "default_routing",
            "mmio_offset"]
 
 MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS on these hosts

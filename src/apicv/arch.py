@@ -51,6 +51,9 @@ class KvmArch:
     has_protected_state: bool = False
     has_protected_eoi: bool = False
     vm_bugged: bool = False  # KVM_BUG_ON fired: every later ioctl fails with -EIO
+    # the KVM release whose restore rules apply (kvm_apic_set_state, the timer restart):
+    # (6, 18) by default; see apicv.restore.KVM_VERSION_RULES for what older ones change
+    kvm_version: tuple = (6, 18)
 
     def has_quirk(self, quirk: int) -> bool:
         """kvm_check_has_quirk()."""

@@ -451,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--strict", action="store_true",
                     help="no named host differences (H1, M1): every event must match")
     t.set_defaults(func=cmd_trace)
+    rc = sub.add_parser("restore-check", help="run a workload uninterrupted and through a "
+                        "VMM's save and restore ioctls; report what the guest lost")
+    rc.add_argument("files", nargs="+", metavar="SCENARIO.toml")
+    rc.add_argument("--every-step", action="store_true",
+                    help="snapshot after every workload step, not only at 'snapshot' steps")
+    rc.add_argument("--kvm-version", metavar="X.Y",
+                    help="KVM's restore rules of that release (model; 4.11-6.18, default 6.18)")
+    rc.add_argument("--backend", default="model", choices=["model", "kvm"], help=BACKEND_HELP)
+    rc.set_defaults(func=lambda args, out: __import__("apicv.restore").restore.cli(args, out))
+
     b = sub.add_parser("boot", help="boot a multiboot kernel on /dev/kvm with the model as its "
                        "interrupt controller (or KVM's, to compare)")
     b.add_argument("kernel", metavar="KERNEL", help="multiboot (v1) ELF32/ELF64 kernel")

@@ -353,7 +353,12 @@ class LapicAccessMixin:
     def kvm_apic_set_state(self, regs: bytes) -> int:
         """kvm_apic_set_state(): the sequence step by step; returns 0 or -EINVAL."""
         s = bytearray(regs)
-        self.ops.apicv_pre_state_restore(self)
+        # 9cfec6d097c6 (6.6) moved the PIR/ON clearing to the start; before it (since
+        # 967235d32032, 4.11) vmx_apicv_post_state_restore cleared them at the end, after the
+        # timer restart below could already have posted an expired timer's vector there
+        old_pir_clear = self.kvm.kvm_version < (6, 6)
+        if not old_pir_clear:
+            self.ops.apicv_pre_state_restore(self)
         # set SPIV separately to get count of SW disabled APICs right
         self.apic_set_spiv(memoryview(s).cast("I")[A.APIC_SPIV >> 2])
         r = self.kvm_apic_state_fixup(s, True)
@@ -388,6 +393,8 @@ class LapicAccessMixin:
         self.kvm_lapic_set_reg(A.APIC_TMCCT, 0)
         self.kvm_apic_update_apicv()
         if self.apicv_active:
+            if old_pir_clear:
+                self.ops.apicv_pre_state_restore(self)  # then named apicv_post_state_restore
             self.ops.apicv_post_state_restore(self)
         self.arch.requests |= KVM_REQ_EVENT
         self.arch.apic_arb_prio = 0

@@ -468,6 +468,10 @@ def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
         return _parse_value("events", v, file, i, "expect")
     if kind == "pit":
         return _parse_value("pit", v, file, i, "expect")
+    if kind == "sregs":
+        if not isinstance(v, dict) or not set(v) <= {"apic_base", "cr8"}:
+            raise _err(file, i, "expect", "expected a table of apic_base and/or cr8")
+        return {k: _parse_value("u64", x, file, i, f"expect.{k}") for k, x in v.items()}
     if kind == "exits":
         if not isinstance(v, list) or not all(
                 isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) for x in v):
@@ -649,7 +653,7 @@ class Runner:
                     bad += [f"ch{i}.{f} = {ch[f]:#x}, expected {w:#x}"
                             for f, w in st.expect.get(f"ch{i}", {}).items() if ch[f] != w]
                 return "; ".join(bad) or None
-            if kind == "events":
+            if kind in ("events", "sregs"):
                 bad = [f"{k} = {getattr(out.value, k):#x}, expected {w:#x}"
                        for k, w in st.expect.items() if getattr(out.value, k) != w]
                 return "; ".join(bad) or None

@@ -254,6 +254,18 @@ OP_TABLE: tuple[Op, ...] = (
        lambda r, c, a: c.interrupt(a["vector"])),
     Op("get_vcpu_events", {"vcpu": _V}, lambda r, c, a: c.get_vcpu_events(), expect="events"),
     Op("set_vcpu_events", {"vcpu": _V, "patch": ("events", True)}, _set_vcpu_events),
+    # the restore-side ioctls around the LAPIC (vcpu_state.py): the APIC part of struct
+    # kvm_sregs, the guest TSC rate, kvmclock
+    Op("get_sregs", {"vcpu": _V}, lambda r, c, a: c.get_sregs(), expect="sregs"),
+    Op("set_sregs", {"vcpu": _V, "apic_base": ("u64", False), "cr8": ("u64", False)},
+       lambda r, c, a: c.set_sregs(c.get_sregs().replace(
+           **{k: a[k] for k in ("apic_base", "cr8") if k in a}))),
+    Op("get_tsc_khz", {"vcpu": _V}, lambda r, c, a: c.get_tsc_khz()),
+    Op("set_tsc_khz", {"vcpu": _V, "khz": ("u32", True)},
+       lambda r, c, a: c.set_tsc_khz(a["khz"])),
+    Op("get_clock", {}, lambda r, vm, a: vm.get_clock(), target="vm"),
+    Op("set_clock", {"ns": ("u64", True), "flags": ("u32", False)},
+       lambda r, vm, a: vm.set_clock(a["ns"], a.get("flags", 0)), target="vm"),
     Op("read_guest", {"gpa": ("u64", True), "size": _SIZE},
        lambda r, vm, a: int.from_bytes(vm.read_guest(a["gpa"], a.get("size", 4)), "little"),
        target="vm"),

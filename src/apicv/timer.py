@@ -223,7 +223,11 @@ class LapicTimerMixin:
         if (self.apic_lvtt_period() or self.apic_lvtt_oneshot()) and count_reg != A.APIC_TMICT:
             deadline = self.tmict_to_ns(self.kvm_lapic_get_reg(count_reg))
             if deadline <= 0:
-                deadline = self.period if self.apic_lvtt_period() else 0
+                # an expired one-shot fires at once since 8e6ed96cdd50 (6.3); before, it was
+                # restarted with a whole period, like a periodic timer
+                oneshot_fires = self.kvm.kvm_version >= (6, 3)
+                deadline = (0 if self.apic_lvtt_oneshot() and oneshot_fires
+                            else self.period)
             elif deadline > self.period:
                 # "requested lapic timer restore with starting count register ... > initial
                 # count ... Using initial count to start timer." (pr_info_ratelimited)
@@ -244,7 +248,10 @@ class LapicTimerMixin:
     def start_sw_period(self) -> None:
         if not self.period:
             return
-        if self.clock.now > self.target_expiration:
+        # ktime_after(ktime_get(), target_expiration): on a host time has moved since
+        # set_target_expiration read it, so an expiry set to "now" (an expired one-shot
+        # restored by KVM_SET_LAPIC) is in the past here; the virtual clock has not moved
+        if self.clock.now >= self.target_expiration:
             self.apic_timer_expired(False)
             if self.apic_lvtt_oneshot():
                 return

@@ -55,6 +55,7 @@ from .uapi import (
     MSR_KVM_PV_EOI_EN,
 )
 from .vcpu_events import VcpuEventsMixin
+from .vcpu_state import VcpuStateMixin
 from .vmx.tdx import (
     TdxVcpu,
     tdx_has_emulated_msr,
@@ -100,7 +101,7 @@ NO_INJECTION = Injection()
 USER_EXIT_REASONS = {"IOAPIC_EOI": 26}  # KVM_EXIT_IOAPIC_EOI
 
 
-class Vcpu(VcpuEventsMixin, GuestMixin):
+class Vcpu(VcpuEventsMixin, VcpuStateMixin, GuestMixin):
     """One vCPU of a :class:`~apicv.vm.Vm`. Host-side methods are the vCPU ioctls; guest-side
     methods (:class:`~apicv.guest.GuestMixin`) are what the guest agent does."""
 
@@ -382,7 +383,10 @@ class Vcpu(VcpuEventsMixin, GuestMixin):
             apic.kvm_set_lapic_tscdeadline_msr(value)
             return True
         if index == A.MSR_IA32_TSC:
-            self.arch.tsc_offset = (value - apic.guest_tsc() + self.arch.tsc_offset) & _U64
+            if host:
+                self.kvm_synchronize_tsc(value)  # vcpu_state.py
+            else:
+                self.arch.tsc_offset = (value - apic.guest_tsc() + self.arch.tsc_offset) & _U64
             return True
         if index == MSR_KVM_PV_EOI_EN:
             addr = value & ~KVM_MSR_ENABLED

@@ -46,6 +46,7 @@ from .lapic import VendorOps
 from .memory import GuestMemory
 from .trace import VM_CONTEXT, Tracer
 from .vcpu import KVM_MCE_CAP_SUPPORTED, Vcpu
+from .vcpu_state import VmClockMixin
 from .vmx.tdx import TdxOps
 from .vmx.vmx import VmxOps
 
@@ -94,7 +95,7 @@ class DevicePort:
         self.has_notifier = vm.kvm_irq_has_notifier
 
 
-class Vm(IrqRoutingMixin, PitIoctlsMixin):
+class Vm(IrqRoutingMixin, PitIoctlsMixin, VmClockMixin):
     """The model of a KVM VM with *nr_vcpus* vCPUs, configured by a :class:`~apicv.api.VmConfig`
     (or the same fields as keyword arguments).
 
@@ -145,6 +146,7 @@ class Vm(IrqRoutingMixin, PitIoctlsMixin):
         self.maxphyaddr = cfg.maxphyaddr
         self.mcg_cap = cfg.mcg_cap
         self.tsc_khz = cfg.tsc_khz
+        self._tsc_sync_init()  # kvmclock and the TSC sync state (vcpu_state.py)
         self.trace: Tracer | None = (tracer if tracer is not None
                                      else Tracer(self.clock) if trace else None)
         self.router = Router(self.kvm)

@@ -25,6 +25,7 @@ from ..errors import ApicvError, KvmError
 from ..memory import in_ram
 from . import agent as G
 from . import uapi as K
+from .state_ioctls import KvmVmClockMixin
 from .sys import (
     U64_MAX,
     cpuid_maxphyaddr,
@@ -94,7 +95,7 @@ def _eventfd_count(fd: int) -> int:
     return 0
 
 
-class KvmVm:
+class KvmVm(KvmVmClockMixin):
     """A real KVM VM with an in-kernel irqchip and its vCPUs, with the interface of
     :class:`apicv.api.VmAPI`.
 

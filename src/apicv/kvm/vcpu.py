@@ -43,6 +43,7 @@ from ..errors import GuestFault, IoExit, KvmError, MmioExit, MsrRejected, VcpuNo
 from ..memory import in_ram
 from . import agent as G
 from . import uapi as K
+from .state_ioctls import KvmVcpuStateMixin
 from .sys import U64_MAX, KvmExitError, describe_exit, ioctl, ioctl_raw, vcpu_cpuid
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 _NOT_RUNNING = (MU.KVM_MP_STATE_UNINITIALIZED, MU.KVM_MP_STATE_INIT_RECEIVED)
 
 
-class KvmVcpu:
+class KvmVcpu(KvmVcpuStateMixin):
     """One vCPU of a :class:`~apicv.kvm.backend.KvmVm`: the vCPU ioctls and the guest agent's
     operations. Created by ``KvmVm.create_vcpu`` (*fd* is the KVM_CREATE_VCPU fd, *vcpu_idx*
     the creation order, which selects the mailbox)."""
@@ -240,8 +241,8 @@ class KvmVcpu:
                    | (K.KVM_GUESTDBG_BLOCKIRQ if blockirq else 0))
         self._ioctl(K.KVM_SET_GUEST_DEBUG, K.kvm_guest_debug(control=control))
 
-    def get_sregs(self) -> K.kvm_sregs:
-        """KVM_GET_SREGS (a fresh copy)."""
+    def get_kvm_sregs(self) -> K.kvm_sregs:
+        """KVM_GET_SREGS, the whole struct (a fresh copy); ``get_sregs`` gives its APIC part."""
         s = K.kvm_sregs()
         self._ioctl(K.KVM_GET_SREGS, s)
         return s
