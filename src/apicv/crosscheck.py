@@ -29,7 +29,7 @@ from . import uapi as U
 from .errors import ApicvError, GuestFault, KvmError, ScenarioError
 from .memory import SCRATCH_GPA
 from .scenario import Outcome, Runner, Scenario, Step
-from .scenario_ops import GUEST_OPS, MODEL_ONLY_OPS, decode_irqchip
+from .scenario_ops import GUEST_OPS, MODEL_ONLY_OPS, decode_irqchip, model_only_reason
 from .state import LapicState, diff, vectors_of
 
 # guest RAM compared after every step: the scratch area's first page (VAPIC words, PV-EOI
@@ -408,8 +408,8 @@ class Crosscheck:
         known: dict = {}  # what the real KVM showed so far (_compare_state)
         for st in self.sc.steps:
             if st.op in MODEL_ONLY_OPS:
-                res.stopped = (f"step {st.index}: {st.op} is model-only (the real backend "
-                               "never leaves a vCPU resting in KVM_RUN)")
+                res.stopped = (f"step {st.index}: {st.op} is model-only "
+                               f"({model_only_reason(st.op)})")
                 return
             if self.model_apicv:
                 key = apicv_visible(st, mvm, mrun)

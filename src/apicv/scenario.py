@@ -22,6 +22,7 @@ Format (see README "Scenario format" and examples/)::
 
 Optional on any step: ``expect`` (return value; for get_lapic a table of register values),
 ``expect_fault`` (the guest #GP vector), ``expect_errno`` (an errno name such as "EINVAL"),
+``expect_vmfail`` (vmlaunch/vmresume: the VM-instruction error of a VMfail, e.g. 7),
 ``save`` (get_lapic: keep the page under a name for a later set_lapic ``from``), ``note``.
 Unknown keys and bad values are errors that name the file, the step and the field; the
 whole file is checked (values, ranges, state files) before any step runs.
@@ -45,6 +46,13 @@ from .api import IrqchipRoute, MsiRoute, VcpuEvents, VmConfig
 from .errors import ApicvError, GuestFault, KvmError, ScenarioError, StateError
 from .kvm_host import ApicvInhibit
 from .regs import lookup
+from .scenario_nested import (
+    NESTED_KINDS,
+    check_nested,
+    check_nested_step,
+    check_vmfail,
+    parse_nested,
+)
 from .scenario_ops import (
     CAPS,
     CHIPS,
@@ -54,12 +62,14 @@ from .scenario_ops import (
     MODEL_ONLY_OPS,
     MP_STATES,
     MSR_NAMES,
+    NESTED_OPS,
     OPS,
     QUIRKS,
     VM_OPTIONS,
     X2APIC_API_FLAGS,
     chip_fields,
     decode_irqchip,
+    model_only_reason,
 )
 from .state import LapicState, vectors_of
 
@@ -74,6 +84,7 @@ class Step:
     has_expect: bool = False
     expect_fault: int | None = None
     expect_errno: int | None = None
+    expect_vmfail: int | None = None
     save: str | None = None
     note: str = ""
 
@@ -248,6 +259,8 @@ def _parse_value(kind: str, v: Any, file: str, step: int | None, fld: str) -> An
         if not isinstance(v, dict):
             raise _err(file, step, fld, "expected a table of field = value")
         return {k.lower(): parse_int(x, file, step, f"{fld}.{k}") for k, x in v.items()}
+    if kind in NESTED_KINDS:
+        return parse_nested(kind, v, file, step, fld)
     raise AssertionError(kind)
 
 
@@ -372,6 +385,7 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
     if not isinstance(steps, list):
         raise _err(file, None, "step", "use [[step]] tables")
     ids = list(sc.vm.ids)
+    nested_ids: set[int] = set()  # the vCPUs an enable_nested step gave VMX so far
     for i, t in enumerate(steps, 1):
         if not isinstance(t, dict):
             raise _err(file, i, None, "a step must be a table")
@@ -395,6 +409,8 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
                 raise _err(file, i, k, f"missing (required by {op})")
         if "vcpu" in args and args["vcpu"] not in ids:
             raise _err(file, i, "vcpu", f"no vCPU {args['vcpu']} (the VM has {ids})")
+        if op in NESTED_OPS:
+            check_nested_step(op, args, nested_ids, sc.vm.vm_type, file, i)
         if op == "set_irqchip":
             _check_chip_fields(args["chip"], args["patch"], file, i, "patch")
         if op == "get_lapic":
@@ -417,6 +433,11 @@ def parse_doc(doc: dict[str, Any], file: str = "<scenario>") -> Scenario:
         if "expect_errno" in t:
             st.expect_errno = parse_int(t["expect_errno"], file, i, "expect_errno",
                                         {n: v for v, n in _errno.errorcode.items()})
+        if "expect_vmfail" in t:
+            if op not in ("vmlaunch", "vmresume"):
+                raise _err(file, i, "expect_vmfail", "only vmlaunch and vmresume can VMfail")
+            st.expect_vmfail = _parse_value("u32", t["expect_vmfail"], file, i,
+                                            "expect_vmfail")
         st.note = str(t.get("note", ""))
         sc.steps.append(st)
     return sc
@@ -468,6 +489,8 @@ def _parse_expect(op: str, v: Any, file: str, i: int) -> Any:
         return _parse_value("events", v, file, i, "expect")
     if kind == "pit":
         return _parse_value("pit", v, file, i, "expect")
+    if kind in NESTED_KINDS:
+        return parse_nested(kind, v, file, i, "expect")
     if kind == "sregs":
         if not isinstance(v, dict) or not set(v) <= {"apic_base", "cr8"}:
             raise _err(file, i, "expect", "expected a table of apic_base and/or cr8")
@@ -628,6 +651,8 @@ class Runner:
     @staticmethod
     def check(st: Step, out: Outcome) -> str | None:
         e = out.error
+        if st.expect_vmfail is not None:
+            return check_vmfail(e, st.expect_vmfail, out.result_text())
         if st.expect_fault is not None:
             if not isinstance(e, GuestFault) or e.vector != st.expect_fault:
                 return f"expected guest fault {st.expect_fault}, got {out.result_text()}"
@@ -641,6 +666,8 @@ class Runner:
             return f"unexpected error: {out.result_text()}"
         if st.has_expect:
             kind = OPS[st.op].expect
+            if kind in NESTED_KINDS:
+                return check_nested(kind, out.value, st.expect, out.result_text())
             if kind == "regs":
                 return check_state_expect(out.value, st.expect)
             if kind == "pit":
@@ -673,9 +700,9 @@ class Runner:
         try:
             for st in self.sc.steps:
                 if not model and st.op in MODEL_ONLY_OPS:
-                    yield Outcome(st, skipped=f"{st.op} is model-only: the {self.vm.backend} "
-                                              "backend never leaves a vCPU resting in "
-                                              "KVM_RUN; the run stops here")
+                    yield Outcome(st, skipped=f"{st.op} is model-only on the {self.vm.backend} "
+                                              f"backend ({model_only_reason(st.op)}); the "
+                                              "run stops here")
                     return
                 yield self.step(st)
         finally:

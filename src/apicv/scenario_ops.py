@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import apicdef as A
+from . import scenario_nested as N
 from . import uapi as U
 from .api import VmConfig, default_routing
 from .regs import BY_NAME
@@ -82,7 +83,8 @@ VM_OPTIONS: dict[str, str] = {
 # One row per operation a step can take: its fields ({name: (kind, required)}), what it runs on
 # (a vCPU or the VM), how its ``expect`` is read, and the call itself. Kinds: int, u8, u32, u64,
 # size (1/2/4/8), vcpu, bool, str, reg (register offset), msr, mp_state, cap, ints, regs
-# (register table), chip, chipfields, inhibit, ns.
+# (register table), chip, chipfields, inhibit, ns; the nested ones (kvm_version, vmcs12, vmcs,
+# level, nested_exits, vmcs12_fields) are read by apicv.scenario_nested.
 _V = ("vcpu", True)
 
 
@@ -96,6 +98,14 @@ class Op:
     guest: bool = False  # a guest operation: one KVM_RUN
     model_only: bool = False  # a vCPU left resting in KVM_RUN (the real backend has none)
     doc: str = ""
+    nested: bool = False  # nested VMX (L1 and L2): model only, see scenario_nested
+
+
+def _nested(name: str, fields: dict[str, tuple[str, bool]], call, expect: str = "int",
+            guest: bool = False) -> Op:
+    """A nested-VMX row: a vCPU op, model-only (nested_why says why)."""
+    return Op(name, {"vcpu": _V, **fields}, call, expect=expect, guest=guest, model_only=True,
+              nested=True)
 
 
 def _set_irqchip(r: Runner, vm, a: dict[str, Any]) -> None:
@@ -281,12 +291,45 @@ OP_TABLE: tuple[Op, ...] = (
     Op("leave_guest", {"vcpu": _V}, _location("leave_guest"), expect="location",
        model_only=True),
     Op("location", {"vcpu": _V}, _location("location"), expect="location", model_only=True),
+    # nested VMX (model only): L1's VMX instructions, L2's guest operations, what L1 sees
+    _nested("enable_nested", {"version": ("kvm_version", False)}, N.enable),
+    _nested("vmxon", {}, N.vmx_instruction("vmxon"), guest=True),
+    _nested("vmxoff", {}, N.vmx_instruction("vmxoff"), guest=True),
+    _nested("vmptrld", {"controls": ("vmcs12", False), "gpa": ("u64", False)}, N.vmptrld,
+            guest=True),
+    _nested("vmlaunch", {}, N.vmx_instruction("vmlaunch"), "level", guest=True),
+    _nested("vmresume", {}, N.vmx_instruction("vmresume"), "level", guest=True),
+    _nested("l2_mmio_read", {"offset": ("reg", True), "size": _SIZE}, N.l2_op("mmio_read"),
+            guest=True),
+    _nested("l2_mmio_write", {"offset": ("reg", True), "value": ("u64", True), "size": _SIZE},
+            N.l2_op("mmio_write"), guest=True),
+    _nested("l2_rdmsr", {"index": ("msr", True)}, N.l2_op("rdmsr"), guest=True),
+    _nested("l2_wrmsr", {"index": ("msr", True), "value": ("u64", True)}, N.l2_op("wrmsr"),
+            guest=True),
+    _nested("l2_take_interrupts", {"limit": ("u32", False), "eoi": ("bool", False)},
+            N.l2_op("take_interrupts"), "vectors", guest=True),
+    _nested("l2_run", {}, N.l2_op("run"), "vectors", guest=True),
+    _nested("l2_halt", {"interrupts": ("bool", False)}, N.l2_op("halt"), "location",
+            guest=True),
+    _nested("l2_enter_guest", {"interrupts": ("bool", False)}, N.l2_op("enter_guest"),
+            "location", guest=True),
+    _nested("nested_exits", {}, N.nested_exits, "nested_exits"),
+    _nested("level", {}, N.level, "level"),
+    _nested("vmcs12", {}, N.vmcs12_fields, "vmcs12_fields"),
+    _nested("guest_intr_status", {"vmcs": ("vmcs", False)}, N.guest_intr_status),
 )
 OPS: dict[str, Op] = {op.name: op for op in OP_TABLE}
 MODEL_ONLY_OPS = frozenset(op.name for op in OP_TABLE if op.model_only)
 GUEST_OPS = frozenset(op.name for op in OP_TABLE if op.guest)
+NESTED_OPS = frozenset(op.name for op in OP_TABLE if op.nested)
 VCPU_OPS = frozenset(op.name for op in OP_TABLE if op.target == "vcpu")
 LOCATIONS = ("host", "guest", "halted")
-COMMON = {"do", "expect", "expect_fault", "expect_errno", "note"}
+COMMON = {"do", "expect", "expect_fault", "expect_errno", "expect_vmfail", "note"}
+RESTING_WHY = "the real backend never leaves a vCPU resting in KVM_RUN"
+
+
+def model_only_reason(op: str) -> str:
+    """Why a model-only op does not run on the real backend (nested VMX: what the host has)."""
+    return N.nested_why() if op in NESTED_OPS else RESTING_WHY
 # the largest time step a scenario may take (the real backend sleeps that long)
 MAX_ADVANCE_NS = 3_600 * 10**9

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import apicdef as A
+from ..errors import ApicvError
 from ..kvm_host import KVM_REQ_APICV_UPDATE, KVM_REQ_EVENT, KVM_REQ_LOAD_EOI_EXITMAP
 from ..memory import in_ram
 from .pi_desc import POSTED_INTR_NESTED_VECTOR
@@ -89,16 +90,17 @@ DEFER_SVI_FIX = (6, 14)
 APICV_REFRESH_ON_VMEXIT_FIX = (6, 19)
 
 
-class VmFail(Exception):
+class VmFail(ApicvError):
     """VMLAUNCH/VMRESUME failed (VMfailValid): L1 continues after the instruction with
-    RFLAGS.ZF=1 and ``vmcs12.vm_instruction_error`` set (nested_vmx_failValid)."""
+    RFLAGS.ZF=1 and ``vmcs12.vm_instruction_error`` set (nested_vmx_failValid). An
+    :class:`~apicv.errors.ApicvError`: a scenario step reports it (``expect_vmfail``)."""
 
     def __init__(self, error: int, why: str) -> None:
         super().__init__(f"VM-instruction error {error}: {why}")
         self.error = error
 
 
-class NotInL2Error(RuntimeError):
+class NotInL2Error(ApicvError, RuntimeError):
     """A guest operation asked for a level (L1 or L2) that is not the one running."""
 
 
@@ -378,6 +380,14 @@ class NestedExit:
     @property
     def vector(self) -> int | None:
         return self.intr_info & 0xFF if self.intr_info & INTR_INFO_VALID_MASK else None
+
+    def __str__(self) -> str:
+        parts = [f"qualification={self.exit_qualification:#x}"] if self.exit_qualification else []
+        if self.intr_info:
+            parts.append(f"intr_info={self.intr_info:#x}")
+        if self.idt_vectoring_info:
+            parts.append(f"idt_vectoring_info={self.idt_vectoring_info:#x}")
+        return self.reason + (f"({', '.join(parts)})" if parts else "")
 
 
 @dataclass
