@@ -145,6 +145,14 @@ def _run(config: str, nr: int, x2: list[bool], ops) -> list:
                 _, c, irr, tpr = op
                 cpu = vm.vcpus[c]
                 s = LapicState(cpu.get_lapic())
+                if (s["LVTT"] >> 17) & 3 == 0 and s["TMICT"] and s["TMCCT"] == 0:
+                    # V9: restoring an expired one-shot fires it inside KVM_SET_LAPIC
+                    # (start_sw_period: the expiry is already past); with APICv that is
+                    # kvm_apic_inject_pending_timer_irqs at once -- dropped if LVTT is masked
+                    # -- without APICv it waits in lapic_timer.pending and is delivered at an
+                    # entry with LVTT unmasked. A named APICv difference: stop comparing here.
+                    log.append(("V9", c))
+                    break
                 s.irr = s.irr | sum(1 << v for v in irr)
                 if tpr is not None:
                     s["TPR"] = tpr
