@@ -12,22 +12,8 @@ with EINVAL. Timers here run on wall time.
 
 from __future__ import annotations
 
-import ctypes
-
 from ..api import Sregs
 from . import uapi as K
-
-
-class kvm_clock_data(ctypes.Structure):
-    """struct kvm_clock_data (48 bytes)."""
-
-    _fields_ = [("clock", ctypes.c_uint64), ("flags", ctypes.c_uint32),
-                ("pad0", ctypes.c_uint32), ("realtime", ctypes.c_uint64),
-                ("host_tsc", ctypes.c_uint64), ("pad", ctypes.c_uint32 * 4)]
-
-
-KVM_SET_CLOCK = K._IOW(K.KVMIO, 0x7B, kvm_clock_data)
-KVM_GET_CLOCK = K._IOR(K.KVMIO, 0x7C, kvm_clock_data)
 
 
 class KvmVcpuStateMixin:
@@ -69,8 +55,8 @@ class KvmVmClockMixin:
         from .sys import ioctl
 
         self.check_open()
-        data = kvm_clock_data()
-        ioctl(self._vm_fd, KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        data = K.kvm_clock_data()
+        ioctl(self._vm_fd, K.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
         return data.clock
 
     def set_clock(self, ns: int, flags: int = 0) -> None:
@@ -80,4 +66,5 @@ class KvmVmClockMixin:
         if not 0 <= ns <= (1 << 64) - 1:
             raise ValueError(f"kvmclock {ns:#x} does not fit in 64 bits")
         self.check_open()
-        ioctl(self._vm_fd, KVM_SET_CLOCK, kvm_clock_data(clock=ns, flags=flags), "KVM_SET_CLOCK")
+        data = K.kvm_clock_data(clock=ns, flags=flags)
+        ioctl(self._vm_fd, K.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")

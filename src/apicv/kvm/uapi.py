@@ -3,6 +3,9 @@
 Every name is spelled as in include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h
 (x86-64 layouts). ioctl numbers are computed with the _IO/_IOR/_IOW/_IOWR encoding of
 include/uapi/asm-generic/ioctl.h, from the size of the ctypes structure they carry.
+
+Why this module is long: it is a transcription of the UAPI headers' structures, one ctypes
+class per C struct; splitting them would only scatter what the headers keep together.
 """
 
 from __future__ import annotations
@@ -620,3 +623,15 @@ EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 X86_EFLAGS_FIXED = 1 << 1
 X86_EFLAGS_IF = 1 << 9
+
+
+class kvm_clock_data(ctypes.Structure):
+    """struct kvm_clock_data (48 bytes)."""
+
+    _fields_ = [("clock", ctypes.c_uint64), ("flags", ctypes.c_uint32),
+                ("pad0", ctypes.c_uint32), ("realtime", ctypes.c_uint64),
+                ("host_tsc", ctypes.c_uint64), ("pad", ctypes.c_uint32 * 4)]
+
+
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, kvm_clock_data)
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, kvm_clock_data)
