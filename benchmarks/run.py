@@ -4,6 +4,7 @@ Targets (issue #2): >= 500k fixed MSIs/s through vm.signal_msi on 4 vCPUs, and t
 rate (x2APIC, 32-bit IDs) >= 0.9x the 1-vCPU rate. Speed targets live here, never in tests.
 Issue #6: exits and interrupts per second `apicv boot` sustains for one guest (guests/bench.c:
 self-IPIs, an IPI ping-pong, 1 kHz timers on 2 vCPUs), next to KVM's in-kernel irqchip.
+Issue #16: `apicv fuzz` compared steps/s, one process and all workers, and the ioctl floor.
 """
 
 from __future__ import annotations
@@ -300,6 +301,88 @@ def boot_section(results: dict) -> None:
         print(f"  model/kernel interrupts/s, {name:9} {ratio:.2f}")
 
 
+def _campaign_rate(workers: int, count: int, seed: int) -> float:
+    """Compared steps/s of `apicv fuzz` (the cases only, not shrinking) on *workers*
+    processes."""
+    import re
+
+    from apicv.campaign import run
+
+    lines: list[str] = []
+
+    class Sink:
+        def print(self, text: str = "", style=None) -> None:
+            lines.append(text)
+
+    run(seed=seed, count=count, max_steps=20, out_path=None, out=Sink(), quiet=True,
+        workers=workers)
+    m = re.search(r"(\d+) compared steps/s", "\n".join(lines))
+    return float(m.group(1)) if m else 0.0
+
+
+def ioctl_floor(count: int = 150, seed: int = 1) -> dict[str, float]:
+    """Run a campaign in this process with every ioctl counted and timed: ioctls per
+    compared step, the mean time of one here, and the steps/s those ioctls alone allow."""
+    import apicv.kvm.backend as kb
+    import apicv.kvm.sys as ks
+    import apicv.kvm.vcpu as kv
+    from apicv import campaign
+
+    real = ks.ioctl_raw
+    n = [0, 0.0]
+
+    def counted(fd, req, arg=0):
+        t = time.perf_counter()
+        try:
+            return real(fd, req, arg)
+        finally:
+            n[0] += 1
+            n[1] += time.perf_counter() - t
+
+    mods = [m for m in (ks, kb, kv) if getattr(m, "ioctl_raw", None) is real]
+    for m in mods:
+        m.ioctl_raw = counted
+    try:
+        campaign.run_chunk(campaign.Spec(seed, 20), 0, 8)  # probing, first VMs
+        n[0], n[1] = 0, 0.0
+        steps = sum(r["steps"] for r in campaign.run_chunk(campaign.Spec(seed, 20), 8,
+                                                           8 + count)[1])
+    finally:
+        for m in mods:
+            m.ioctl_raw = real
+        if campaign.worker_state():
+            campaign.worker_state()["pool"].close()
+    per_step = n[0] / steps
+    mean = n[1] / n[0]
+    return {"ioctls_per_step": per_step, "ioctl_us": mean * 1e6,
+            "ioctl_floor_steps_per_s": 1 / (per_step * mean)}
+
+
+def fuzz_section(results: dict) -> None:
+    """Issue 16: compared steps/s of `apicv fuzz`, one process and all workers, next to the
+    ioctl floor (targets: >= 1,800 in one process, >= 3,000 with 2 workers here)."""
+    from apicv.campaign import default_workers
+    from apicv.kvm import kvm_available
+
+    ok, why = kvm_available()
+    if not ok:
+        print(f"apicv fuzz: skipped ({why})")
+        return
+    workers = default_workers()
+    one = max(_campaign_rate(1, 300, seed) for seed in (1, 2))
+    many = max(_campaign_rate(workers, 600, seed) for seed in (1, 2))
+    floor = ioctl_floor()
+    results.update(fuzz_steps_per_s_1_process=one, fuzz_steps_per_s_all_workers=many,
+                   fuzz_workers=workers, **{f"fuzz_{k}": v for k, v in floor.items()})
+    print(f"apicv fuzz: compared steps/s, 1 process        {one:12,.0f}   target >= 1,800")
+    print(f"apicv fuzz: compared steps/s, {workers} workers        {many:12,.0f}   "
+          f"target >= 3,000 (2 cores)")
+    print(f"apicv fuzz: ioctls per compared step {floor['ioctls_per_step']:.1f} at "
+          f"{floor['ioctl_us']:.0f} us each: the ioctls alone allow "
+          f"{floor['ioctl_floor_steps_per_s']:,.0f} steps/s per process "
+          f"(1 process reaches {one / floor['ioctl_floor_steps_per_s']:.0%} of it)")
+
+
 def main() -> int:
     results = {}
     r4 = best_of(msi_rate, 4, False)
@@ -316,6 +399,7 @@ def main() -> int:
     apicv_section(results)
     kvm_section(results)
     irqfd_section(results)
+    fuzz_section(results)
     boot_section(results)
     os.makedirs("out", exist_ok=True)
     with open("out/bench.json", "w") as f:

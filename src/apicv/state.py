@@ -154,30 +154,42 @@ class StateDiff:
 
 
 def diff(a: LapicState, b: LapicState) -> list[StateDiff]:
-    """Register-level differences, with the fields that changed."""
+    """Register-level differences, with the fields that changed. The pages are compared as
+    bytes first; only the registers (and reserved bytes) that differ are decoded."""
+    if a.data == b.data:
+        return []
     out: list[StateDiff] = []
-    for ra, rb in zip(a.decode(), b.decode(), strict=True):
-        if ra.value == rb.value:
-            continue
-        if ra.is_bank:
-            only_a = vectors_of(ra.value & ~rb.value)
-            only_b = vectors_of(rb.value & ~ra.value)
+    da, db = a.data, b.data
+    for reg in REGISTERS:
+        name = reg.name
+        if name in BANKS:
+            if reg.offset != BANKS[name]:
+                continue
+            va, vb = a.get_vectors(name), b.get_vectors(name)
+            if va == vb:
+                continue
+            only_a = vectors_of(va & ~vb)
+            only_b = vectors_of(vb & ~va)
             detail = []
             if only_a:
                 detail.append("only in A: " + ", ".join(f"{x:#04x}" for x in only_a))
             if only_b:
                 detail.append("only in B: " + ", ".join(f"{x:#04x}" for x in only_b))
-            out.append(StateDiff(ra.reg.name, _vec_text(ra.value), _vec_text(rb.value),
-                                 "; ".join(detail)))
-        else:
-            changed = [f"{fa[0]}: {fa[1]} -> {fb[1]}"
-                       for fa, fb in zip(ra.fields, rb.fields, strict=True) if fa != fb]
-            out.append(StateDiff(ra.reg.short, f"{ra.value:#010x}", f"{rb.value:#010x}",
-                                 ", ".join(changed)))
-    ra_res = dict(a.reserved_bytes())
-    rb_res = dict(b.reserved_bytes())
-    for off in sorted(set(ra_res) | set(rb_res)):
-        if ra_res.get(off, 0) != rb_res.get(off, 0):
-            out.append(StateDiff(f"byte {off:#05x}", f"{ra_res.get(off, 0):#04x}",
-                                 f"{rb_res.get(off, 0):#04x}", "outside the register dwords"))
+            out.append(StateDiff(name, _vec_text(va), _vec_text(vb), "; ".join(detail)))
+            continue
+        off = reg.offset
+        if da[off:off + 4] == db[off:off + 4]:
+            continue
+        va, vb = a[off], b[off]
+        changed = [f"{fa[0]}: {fa[1]} -> {fb[1]}"
+                   for fa, fb in zip(decode_fields(reg, va), decode_fields(reg, vb),
+                                     strict=True) if fa != fb]
+        out.append(StateDiff(reg.short, f"{va:#010x}", f"{vb:#010x}", ", ".join(changed)))
+    for off in range(0, KVM_APIC_REG_SIZE, 0x10):
+        if da[off + 4:off + 16] == db[off + 4:off + 16]:
+            continue
+        for i in range(off + 4, off + 16):
+            if da[i] != db[i]:
+                out.append(StateDiff(f"byte {i:#05x}", f"{da[i]:#04x}", f"{db[i]:#04x}",
+                                     "outside the register dwords"))
     return out

@@ -25,6 +25,7 @@ from ..errors import ApicvError, KvmError
 from ..memory import in_ram
 from . import agent as G
 from . import uapi as K
+from .reuse import ResettableVm
 from .state_ioctls import KvmVmClockMixin
 from .sys import (
     U64_MAX,
@@ -55,6 +56,10 @@ class KvmClock:
     @property
     def now(self) -> int:
         return time.monotonic_ns() - self._t0
+
+    def restart(self) -> None:
+        """Time 0 is now (:meth:`KvmVm.reset`)."""
+        self._t0 = time.monotonic_ns()
 
     def advance(self, ns: int) -> None:
         """Sleep *ns* nanoseconds."""
@@ -95,7 +100,7 @@ def _eventfd_count(fd: int) -> int:
     return 0
 
 
-class KvmVm(KvmVmClockMixin):
+class KvmVm(KvmVmClockMixin, ResettableVm):
     """A real KVM VM with an in-kernel irqchip and its vCPUs, with the interface of
     :class:`apicv.api.VmAPI`.
 
@@ -129,6 +134,9 @@ class KvmVm(KvmVmClockMixin):
         self._by_id: dict[int, KvmVcpu] = {}
         self._closed = False
         self.trace = None  # no tracing on the real backend
+        self._lines: dict[int, int] = {}  # GSI -> the level irq_line last drove it to
+        self._fresh: tuple | None = None  # what save_fresh() recorded (ResettableVm)
+        self._pit = False  # an in-kernel PIT was created
         cfg = VmConfig.from_options(nr_vcpus, x2apic_api, **options)
         self.config = cfg  # until the host's values are known (see the end)
         if cfg.vm_type_number:
@@ -314,6 +322,7 @@ class KvmVm(KvmVmClockMixin):
             raise ValueError(f"GSI {irq:#x} does not fit in 32 bits")
         lv = K.kvm_irq_level(irq=irq, level=_u32("level", level))
         ioctl(self._vm_fd, K.KVM_IRQ_LINE_STATUS, lv)
+        self._lines[irq] = level
         return lv.status
 
     # ------------------------------------------------------------------ GSI routing, irqfd
@@ -433,6 +442,7 @@ class KvmVm(KvmVmClockMixin):
         if isinstance(flags, bool) or not isinstance(flags, int):
             raise ValueError(f"flags={flags!r}: a u32 (struct kvm_pit_config.flags)")
         ioctl(self._vm_fd, K.KVM_CREATE_PIT2, K.kvm_pit_config(flags=_u32("flags", flags)))
+        self._pit = True
 
     def get_pit2(self) -> bytes:
         """KVM_GET_PIT2: struct kvm_pit_state2 (112 bytes; see apicv.i8254.unpack_pit_state2).

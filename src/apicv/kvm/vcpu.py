@@ -132,6 +132,11 @@ class KvmVcpu(KvmVcpuStateMixin):
             self._note_sipi(self._sregs)
         return st
 
+    def peek_mp_state(self) -> int:
+        """KVM_GET_MP_STATE alone: the state, without get_mp_state's look at the segment
+        registers for an accepted SIPI (``sipi`` is noted at the next guest operation)."""
+        return self._get_mp_state()
+
     def _get_mp_state(self) -> int:
         self._ioctl(K.KVM_GET_MP_STATE, self._mp)
         return self._mp.mp_state
@@ -405,6 +410,15 @@ class KvmVcpu(KvmVcpuStateMixin):
     def _check_msr_value(value: int) -> None:
         if not 0 <= value <= U64_MAX:
             raise ValueError(f"MSR value {value:#x} does not fit in 64 bits")
+
+    def forget_agent(self) -> None:
+        """Set the agent up again at the next guest operation, as on a new vCPU (a cleared
+        mailbox; ``taken``, ``sipi`` and the other records empty): :meth:`KvmVm.reset`."""
+        self._mb = G.Mailbox(self.vm.mem, self.vcpu_idx)
+        self._needs_setup, self._crashed = True, False
+        self.sipi = None
+        self.taken, self.tpr_accesses, self._exits = [], [], []
+        self.log_dropped = self.pv_eoi_skipped = self.last_iterations = 0
 
     # ------------------------------------------------------------------ agent plumbing
     def _op(self, cmd: int, *, offset: int = 0, size: int = 0, arg0: int = 0, arg1: int = 0,
