@@ -322,7 +322,11 @@ def _campaign_rate(workers: int, count: int, seed: int) -> float:
 
 def ioctl_floor(count: int = 150, seed: int = 1) -> dict[str, float]:
     """Run a campaign in this process with every ioctl counted and timed: ioctls per
-    compared step, the mean time of one here, and the steps/s those ioctls alone allow."""
+    compared step, the mean time of one here, the steps/s those ioctls alone allow, and the
+    steps per CPU-second of this process (what one idle core would give: the wall-clock
+    rates above drop when other work shares the cores)."""
+    import resource
+
     import apicv.kvm.backend as kb
     import apicv.kvm.sys as ks
     import apicv.kvm.vcpu as kv
@@ -345,8 +349,10 @@ def ioctl_floor(count: int = 150, seed: int = 1) -> dict[str, float]:
     try:
         campaign.run_chunk(campaign.Spec(seed, 20), 0, 8)  # probing, first VMs
         n[0], n[1] = 0, 0.0
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         steps = sum(r["steps"] for r in campaign.run_chunk(campaign.Spec(seed, 20), 8,
                                                            8 + count)[1])
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         for m in mods:
             m.ioctl_raw = real
@@ -354,8 +360,10 @@ def ioctl_floor(count: int = 150, seed: int = 1) -> dict[str, float]:
             campaign.worker_state()["pool"].close()
     per_step = n[0] / steps
     mean = n[1] / n[0]
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return {"ioctls_per_step": per_step, "ioctl_us": mean * 1e6,
-            "ioctl_floor_steps_per_s": 1 / (per_step * mean)}
+            "ioctl_floor_steps_per_s": 1 / (per_step * mean),
+            "steps_per_cpu_s": steps / cpu}
 
 
 def fuzz_section(results: dict) -> None:
@@ -381,6 +389,8 @@ def fuzz_section(results: dict) -> None:
           f"{floor['ioctl_us']:.0f} us each: the ioctls alone allow "
           f"{floor['ioctl_floor_steps_per_s']:,.0f} steps/s per process "
           f"(1 process reaches {one / floor['ioctl_floor_steps_per_s']:.0%} of it)")
+    print(f"apicv fuzz: compared steps per CPU-second, 1 process {floor['steps_per_cpu_s']:8,.0f}"
+          f"   (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs during the run)")
 
 
 def main() -> int:
