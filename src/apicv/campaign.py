@@ -436,6 +436,13 @@ def run(*, seed: int = 0, count: int | None = 200, max_steps: int = 20,
                              f"--resume {campaign_dir}")
     if count is None and duration is None:
         count = 200
+    if trace:
+        if model_apicv:
+            raise ApicvError("--trace compares the host's trace with the model of this host: "
+                             "not with --model-apicv")
+        from .hosttrace import check_available
+
+        check_available()
     spec = Spec(seed, max_steps, model_apicv, trace)
     if summary is None:
         summary = Summary(seed, max_steps, model_apicv)
