@@ -32,5 +32,14 @@ test: $(STAMP) lint guests
 bench: $(STAMP) guests
 	$(PY) benchmarks/run.py
 
+# the minimal Linux guest `apicv boot` runs (README, "Booting Linux"): Debian's
+# linux-source-6.1 with guests/linux/apicv.config and a busybox-static initramfs, installed
+# with apt (root) and built outside the work tree (~5 min on 2 cores; nothing of theirs is
+# committed). tests/test_vmm_linux.py boots it when it is there.
+.PHONY: linux
+LINUX_DIR ?= /var/cache/apicv/linux
+linux:
+	sh guests/linux/build.sh $(LINUX_DIR)
+
 clean:
 	rm -rf $(VENV) build out src/*.egg-info .pytest_cache .ruff_cache .hypothesis

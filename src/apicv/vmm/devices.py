@@ -168,3 +168,163 @@ class PortBus:
         elif self.pic is not None and port in self.PIC_PORTS:
             self.pic[1](port, value & 0xFF)
         # TESTDEV_FLUSH, POST codes (0x80), Bochs shutdown (0x8900) and the rest: ignored
+
+
+# ---------------------------------------------------------------- what a Linux guest probes
+UART_IER_RDI, UART_IER_THRI = 0x01, 0x02
+UART_IIR_NO_INT, UART_IIR_THRI, UART_IIR_RDI = 0x01, 0x02, 0x04
+UART_MCR_OUT2, UART_MCR_LOOP = 0x08, 0x10
+UART_LSR_DR = 0x01
+
+
+class Uart16550(Serial16550):
+    """A 16550A with interrupts, as Linux's 8250 driver uses it (what QEMU's serial.c does):
+    the THR-empty interrupt (set when IER.THRI is enabled or a character has gone -- at once,
+    the line is infinitely fast -- cleared by reading IIR while it is the reason or by a THR
+    write), received characters from :meth:`receive` (RDA), loopback (MCR.LOOP: THR goes to
+    RBR, the modem lines to MSR), IIR's FIFO bits. The IRQ output is gated by MCR.OUT2, as on
+    a PC, and *irq_line(level)* is called whenever the output changes (an ISA line: edge
+    triggered at the IOAPIC)."""
+
+    def __init__(self, sink: Callable[[bytes], None], irq_line: Callable[[int], None],
+                 base: int = COM1) -> None:
+        super().__init__(sink, base)
+        self.irq_line = irq_line
+        self.thri_pending = False
+        self.rx: list[int] = []
+        self.level = 0
+        self.tx_count = 0
+
+    def _iir(self) -> int:
+        fifo = 0xC0 if self.fcr & 1 else 0
+        if self.ier & UART_IER_RDI and self.rx:
+            return UART_IIR_RDI | fifo
+        if self.ier & UART_IER_THRI and self.thri_pending:
+            return UART_IIR_THRI | fifo
+        return UART_IIR_NO_INT | fifo
+
+    def _update(self) -> None:
+        level = int(not self._iir() & UART_IIR_NO_INT and bool(self.mcr & UART_MCR_OUT2))
+        if level != self.level:
+            self.level = level
+            self.irq_line(level)
+
+    def receive(self, data: bytes) -> None:
+        self.rx.extend(data)
+        self._update()
+
+    def read(self, port: int) -> int:
+        r = port - self.base
+        dlab = self.lcr & UART_LCR_DLAB
+        if r == 0 and not dlab:
+            v = self.rx.pop(0) if self.rx else 0
+            self._update()
+            return v
+        if r == 2:
+            iir = self._iir()
+            if iir & 0x0F == UART_IIR_THRI:
+                self.thri_pending = False
+                self._update()
+            return iir
+        if r == 5:
+            return UART_LSR_THRE | UART_LSR_TEMT | (UART_LSR_DR if self.rx else 0)
+        if r == 6:
+            if self.mcr & UART_MCR_LOOP:
+                m = self.mcr
+                return ((m & 1) << 5) | ((m & 2) << 3) | ((m & 4) << 4) | ((m & 8) << 4)
+            return 0xB0
+        return super().read(port)
+
+    def write(self, port: int, value: int) -> None:
+        r = port - self.base
+        value &= 0xFF
+        dlab = self.lcr & UART_LCR_DLAB
+        if r == 0 and not dlab:
+            if self.mcr & UART_MCR_LOOP:
+                self.rx.append(value)
+            else:
+                self.sink(bytes((value,)))
+            self.tx_count += 1
+            self.thri_pending = True  # the character is gone at once
+        elif r == 1 and not dlab:
+            was = self.ier
+            self.ier = value & 0x0F
+            if self.ier & UART_IER_THRI and not was & UART_IER_THRI:
+                self.thri_pending = True
+        elif r == 2:
+            self.fcr = value
+            if value & 0x02:
+                self.rx.clear()
+        else:
+            super().write(port, value)
+        self._update()
+
+
+CMOS_INDEX, CMOS_DATA = 0x70, 0x71
+
+
+class Cmos:
+    """The MC146818 RTC/CMOS behind ports 0x70/0x71, enough for Linux's probes: the time of
+    day from the host clock (BCD, 24 hours), register A with UIP clear, B (24h, BCD), D
+    (valid RAM and time); other registers read 0."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.index = 0
+
+    def read(self) -> int:
+        import time as _time
+
+        i = self.index & 0x7F
+        if i == 0x0A:
+            return 0x26
+        if i == 0x0B:
+            return 0x02
+        if i == 0x0D:
+            return 0x80
+        t = _time.gmtime(self.clock())
+        fields = {0: t.tm_sec, 2: t.tm_min, 4: t.tm_hour, 6: t.tm_wday + 1, 7: t.tm_mday,
+                  8: t.tm_mon, 9: t.tm_year % 100, 0x32: t.tm_year // 100}
+        if i in fields:
+            v = fields[i]
+            return ((v // 10) << 4) | (v % 10)
+        return 0
+
+
+I8042_DATA, I8042_CMD = 0x60, 0x64
+I8042_PULSE_RESET = 0xFE
+
+
+class LinuxPortBus(PortBus):
+    """The port bus with what a firmware-less Linux guest touches besides the console: the
+    CMOS/RTC (0x70/0x71), and of the i8042 only its reset line (a write of 0xFE to 0x64,
+    ``reboot=k``: *on_reset()* ends the run); there is no keyboard controller otherwise
+    (0x60/0x64 read all ones: "no controller"), no PIT, no PCI (0xCF8/0xCFC read all ones: no
+    configuration mechanism). Counts the accesses to ports nothing answers (``unclaimed``)."""
+
+    CLAIMED = frozenset((0x80, 0xED, 0x3F8, 0x3F9, 0x3FA, 0x3FB, 0x3FC, 0x3FD, 0x3FE, 0x3FF))
+
+    def __init__(self, *, cmos: Cmos, on_reset: Callable[[], None], **kw) -> None:
+        super().__init__(**kw)
+        self.cmos = cmos
+        self.on_reset = on_reset
+        self.unclaimed: dict[int, int] = {}
+
+    def read(self, port: int, size: int) -> int:
+        if port == CMOS_DATA:
+            return self.cmos.read()
+        if port == CMOS_INDEX:
+            return self.cmos.index
+        if port not in self.CLAIMED:
+            self.unclaimed[port] = self.unclaimed.get(port, 0) + 1
+        return super().read(port, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        if port == CMOS_INDEX:
+            self.cmos.index = value & 0xFF
+        elif port == CMOS_DATA:
+            pass
+        elif port == I8042_CMD and value & 0xFF == I8042_PULSE_RESET:
+            self.on_reset()
+        else:
+            super().write(port, size, value)

@@ -209,16 +209,23 @@ class Machine(ModelIrqchipMixin):
                 raise
             self.vcpus.append(v)
             self._set_cpuid(v)
-        self.loaded = multiboot.load(self.mem, self.ram_size, image, path=kernel,
-                                     append=append, initrd=rd)
+        self.loaded = self._load_kernel(image, kernel, append, rd)
         self._set_entry_state(self.vcpus[0])
-        self.serial = Serial16550(self._serial_out)
-        self.ports = PortBus(serial=self.serial, fw_cfg=FwCfg(self.smp, self.ram_size),
-                             irq_line=self._irq_line, on_exit=self._debug_exit,
-                             pic=self._pic_ports() if self.irqchip == "model" else None)
+        self.serial, self.ports = self._make_devices()
         if self.irqchip == "model":
             self._build_model(trace, trace_limit)
         self._mask_pic()
+
+    def _load_kernel(self, image: bytes, kernel: str, append: str, rd: bytes | None):
+        """Load the kernel into guest memory (a subclass loads other formats)."""
+        return multiboot.load(self.mem, self.ram_size, image, path=kernel, append=append,
+                              initrd=rd)
+
+    def _make_devices(self) -> tuple[Serial16550, PortBus]:
+        serial = Serial16550(self._serial_out)
+        return serial, PortBus(serial=serial, fw_cfg=FwCfg(self.smp, self.ram_size),
+                               irq_line=self._irq_line, on_exit=self._debug_exit,
+                               pic=self._pic_ports() if self.irqchip == "model" else None)
 
     def _set_cpuid(self, v: VmmVcpu) -> None:
         """KVM_SET_CPUID2: the supported CPUID with this vCPU's APIC ID and the x2APIC /
@@ -559,9 +566,11 @@ def boot(kernel: str, *, smp: int = 1, memory_mb: int = 128, x2apic: bool = True
     """Boot *kernel* and return how it ended (see :class:`Machine` and :class:`BootResult`).
     *out* is a binary stream for the guest's serial output (``sys.stdout.buffer`` in the CLI).
     """
-    m = Machine(kernel, smp=smp, memory_mb=memory_mb, x2apic=x2apic,
-                tsc_deadline=tsc_deadline, append=append, initrd=initrd, irqchip=irqchip,
-                trace=trace_out is not None, out=out)
+    from .linuxboot import machine_class
+
+    m = machine_class(kernel)(kernel, smp=smp, memory_mb=memory_mb, x2apic=x2apic,
+                                 tsc_deadline=tsc_deadline, append=append, initrd=initrd,
+                                 irqchip=irqchip, trace=trace_out is not None, out=out)
     try:
         res = m.run(timeout)
         if trace_out is not None and m.vm is not None and m.vm.trace is not None:

@@ -1,0 +1,157 @@
+"""What this host's KVM leaves to the VMM when it runs an unmodified Linux guest (host-kvm-notes
+items 11-12): instructions it cannot emulate end in KVM_EXIT_INTERNAL_ERROR. None of it is
+interrupt-related; each fix-up is a host difference, counted by kind in the run's exits.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+
+from ..kvm import uapi as K
+from ..kvm.sys import flat_segment, ioctl_raw
+
+INT3, FWAIT, CLD = b"\xcc", b"\x9b", 0xFC
+MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK = 0xC0000081, 0xC0000082, 0xC0000084
+X86_EFLAGS_DF = 1 << 10
+# what may come before the `cld` of Linux's asm_exc_page_fault: ENDBR64, then ASM_CLAC
+# (CLAC or the NOPs the alternative leaves)
+PF_ENTRY_PREFIXES = (b"\xf3\x0f\x1e\xfa", b"\x0f\x01\xca", b"\x0f\x1f\x00", b"\x90\x90\x90",
+                     b"\x66\x90\x90", b"\x90\x66\x90")
+BP_VECTOR, PF_VECTOR = 3, 14
+
+
+class HostFixups:
+    """The VMM's answers to the internal errors a Linux guest meets on this host."""
+
+    def __init__(self, machine) -> None:
+        self.machine = machine
+        self.counts: Counter = Counter()
+        self.last = ""
+        self.pf_hook: tuple[int, int] | None = None  # (linear, physical) of the int3 we put
+        self.lstar = 0
+        self.exits_unhooked = 0
+        self.fmask = 0
+
+    def handle(self, v) -> bool:
+        """Handle *v*'s KVM_EXIT_INTERNAL_ERROR; False if it is none we know (a failure)."""
+        run = v.run
+        r = K.kvm_regs()
+        s = K.kvm_sregs()
+        ioctl_raw(v.fd, K.KVM_GET_REGS, r)
+        ioctl_raw(v.fd, K.KVM_GET_SREGS, s)
+        insn = self.read_linear(v, s.cs.base + r.rip, 16)
+        data = [run.u.internal.data[i] for i in range(min(run.u.internal.ndata, 16))]
+        self.last = (f"suberror {run.u.internal.suberror} data "
+                     f"{' '.join(hex(d) for d in data)} insn {insn.hex()} cs {s.cs.selector:#x} "
+                     f"cr2 {s.cr2:#x}")
+        if self.pf_hook is not None and s.cs.base + r.rip == self.pf_hook[0]:
+            self.page_fault_entry(v, r, s)
+            return True
+        if insn[:1] == INT3:
+            # deliver the #BP the instruction raises: a trap, the frame's RIP after the int3
+            self.set_rip(v, r, r.rip + 1)
+            self.inject_exception(v, BP_VECTOR)
+            self.counts["fixup: int3 -> #BP"] += 1
+            return True
+        if insn[:1] == FWAIT:
+            # nothing unmasked is pending in the x87 state Linux keeps: complete it
+            self.set_rip(v, r, r.rip + 1)
+            self.counts["fixup: fwait completed"] += 1
+            return True
+        return False
+
+    def set_rip(self, v, r, rip: int) -> None:
+        r.rip = rip
+        v.ioctl(K.KVM_SET_REGS, r)
+
+    def inject_exception(self, v, nr: int, error_code: int | None = None) -> None:
+        ev = K.kvm_vcpu_events()
+        v.ioctl(K.KVM_GET_VCPU_EVENTS, ev)
+        ev.flags = 0
+        ev.exception.injected = 1
+        ev.exception.pending = 0
+        ev.exception.nr = nr
+        ev.exception.has_error_code = int(error_code is not None)
+        ev.exception.error_code = error_code or 0
+        v.ioctl(K.KVM_SET_VCPU_EVENTS, ev)
+
+    def translate(self, v, linear: int) -> int | None:
+        t = K.kvm_translation(linear_address=linear & ((1 << 64) - 1))
+        if ioctl_raw(v.fd, K.KVM_TRANSLATE, t)[0] != 0 or not t.valid:
+            return None
+        return t.physical_address
+
+    def read_linear(self, v, linear: int, n: int) -> bytes:
+        """*n* bytes at a guest linear address (b"" if not mapped to RAM)."""
+        out = b""
+        mem = self.machine.mem
+        while len(out) < n:
+            gpa = self.translate(v, linear + len(out))
+            if gpa is None or gpa >= self.machine.ram_size:
+                break
+            chunk = min(n - len(out), 0x1000 - (gpa & 0xFFF))
+            out += bytes(mem[gpa:gpa + chunk])
+        return out
+
+    # -- SYSCALL from user mode (host difference) --
+    def hook_page_faults(self, v) -> bool:
+        """Put an int3 on the ``cld`` at the start of the guest's #PF handler (IDT vector 14),
+        once the kernel has installed it: this host ends the int3 in an internal error, which
+        lets the VMM see every #PF the guest takes (see :meth:`page_fault_entry`). Returns
+        whether the hook is in place."""
+        if self.pf_hook is not None:
+            return True
+        s = K.kvm_sregs()
+        v.ioctl(K.KVM_GET_SREGS, s)
+        if s.idt.limit < 15 * 16 - 1:
+            return False
+        gate = self.read_linear(v, s.idt.base + 14 * 16, 16)
+        if len(gate) < 16 or not gate[5] & 0x80:
+            return False
+        lo, sel, _ist, _type, mid, hi = struct.unpack_from("<HHBBHI", gate)
+        handler = lo | mid << 16 | hi << 32
+        code = self.read_linear(v, handler, 12)
+        off = 0
+        for _ in range(3):
+            if code[off:off + 1] == bytes((CLD,)):
+                break
+            nxt = next((p for p in PF_ENTRY_PREFIXES if code.startswith(p, off)), None)
+            if nxt is None:
+                return False
+            off += len(nxt)
+        else:
+            return False
+        gpa = self.translate(v, handler + off)
+        if gpa is None or code[off] != CLD:
+            return False
+        self.machine.mem[gpa] = INT3[0]
+        self.pf_hook = (handler + off, gpa)
+        self.lstar = self.machine.vcpus[0].get_msr(MSR_LSTAR)
+        self.fmask = self.machine.vcpus[0].get_msr(MSR_SYSCALL_MASK)
+        return True
+
+    def page_fault_entry(self, v, r, s) -> None:
+        """The guest entered its #PF handler. On this host SYSCALL in user mode sets RIP to
+        LSTAR (and RCX, R11, RFLAGS) but stays at CPL 3, so the fetch at LSTAR faults: such a
+        fault (frame RIP = LSTAR, CS from user mode) becomes the SYSCALL it should have been
+        -- CPL 0 with STAR's selectors at LSTAR, the user RSP, RFLAGS masked by FMASK. Any
+        other #PF goes on: the ``cld`` the hook replaced is done here."""
+        frame = self.read_linear(v, s.ss.base + r.rsp, 48)
+        if len(frame) == 48:
+            _err, rip, cs, rflags, rsp, _ss = struct.unpack("<6Q", frame)
+            if rip == self.lstar and cs & 3 == 3:
+                star = v.get_msr(MSR_STAR)
+                kcs = (star >> 32) & 0xFFFC
+                flat_segment(s.cs, kcs, type_=0xB, db=0, long=1)
+                flat_segment(s.ss, kcs + 8, type_=0x3, db=1, long=0)
+                v.ioctl(K.KVM_SET_SREGS, s)
+                r.rip, r.rsp = rip, rsp
+                r.rflags = (rflags & ~self.fmask) | 2
+                v.ioctl(K.KVM_SET_REGS, r)
+                self.counts["fixup: user SYSCALL completed"] += 1
+                return
+        r.rflags &= ~X86_EFLAGS_DF
+        r.rip += 1
+        v.ioctl(K.KVM_SET_REGS, r)
+        self.counts["fixup: #PF seen"] += 1
