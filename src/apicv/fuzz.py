@@ -403,43 +403,39 @@ SHRINK_EXAMPLES = 2000  # how many candidate scenarios hypothesis' shrinker may 
 
 def shrink(choices: list[int], max_steps: int,
            disagrees: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-    """Shrink the case drawn as *choices* with hypothesis, keeping *disagrees* true. The
-    case goes in through an in-memory example database (its secondary corpus, which the reuse
-    phase replays and does not take as shrunk already), the
-    shrinker's random generator has a fixed seed (the same input shrinks the same way
-    everywhere). None if the case does not disagree when replayed. *disagrees* is asked
-    once per distinct scenario. (This is hypothesis.find with a fixed seed that keeps the
-    database: find's ``random`` turns the database off.)"""
-    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    """Shrink the case drawn as *choices* with hypothesis (``find``), keeping *disagrees*
+    true. The case goes in through an in-memory example database, in its secondary corpus
+    (which the reuse phase replays; an entry of the primary one would count as shrunk
+    already). The shrinker's random generator has a fixed seed, set the way pytest's
+    ``--hypothesis-seed`` sets it (find's own ``random`` would turn the database off): the
+    same input shrinks the same way everywhere. None if the case does not disagree when
+    replayed. *disagrees* is asked once per distinct scenario."""
+    from hypothesis import HealthCheck, Phase, Verbosity, core, find, settings
     from hypothesis.database import InMemoryExampleDatabase, choices_to_bytes
-    from hypothesis.errors import Found
+    from hypothesis.errors import NoSuchExample
 
     key = b"apicv-fuzz"
     db = InMemoryExampleDatabase()
-    # the secondary corpus: an entry of the primary one counts as shrunk already
     db.save(key + b".secondary", choices_to_bytes(choices))
     seen: dict[str, bool] = {}
-    last: list[dict[str, Any]] = []
 
-    @settings(database=db, max_examples=SHRINK_EXAMPLES, deadline=None,
-              phases=[Phase.reuse, Phase.shrink], suppress_health_check=list(HealthCheck),
-              report_multiple_bugs=False, verbosity=Verbosity.quiet)
-    @given(scenarios(max_steps))
-    def test(doc: dict[str, Any]) -> None:
+    def cond(doc: dict[str, Any]) -> bool:
         k = repr(doc)
         if k not in seen:
             seen[k] = bool(disagrees(doc))
-        if seen[k]:
-            last[:] = [doc]
-            raise Found
+        return seen[k]
 
-    test._hypothesis_internal_database_key = key  # type: ignore[attr-defined]
-    test._hypothesis_internal_use_seed = 0  # type: ignore[attr-defined]
+    cfg = settings(database=db, max_examples=SHRINK_EXAMPLES, deadline=None,
+                   phases=[Phase.reuse, Phase.shrink], suppress_health_check=list(HealthCheck),
+                   verbosity=Verbosity.quiet)
+    forced = core.global_force_seed
+    core.global_force_seed = 0
     try:
-        test()
-    except Found:
-        return last[0]
-    return None
+        return find(scenarios(max_steps), cond, settings=cfg, database_key=key)
+    except NoSuchExample:
+        return None
+    finally:
+        core.global_force_seed = forced
 
 
 def fuzz(*, seed: int = 0, count: int = 200, max_steps: int = 20,
