@@ -1,5 +1,6 @@
 # apicv — every target works on a fresh clone: the virtual environment is created at
-# .venv/ and the package (with its CLI, test and dev extras) installed into it on first use.
+# .venv/ and the package (with its CLI, test, dev and cluster (Ray) extras) installed into it
+# on first use.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cli,test,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cli,test,dev,cluster]'
 	touch $(STAMP)
 
 demo: $(STAMP)
