@@ -5,7 +5,7 @@ init with the model as the whole interrupt controller. That boot is skipped, wit
 reason, where the kernel was not built: `make test` never builds a kernel itself.
 
 On this host the guest kernel runs in KVM's instruction emulator (host-kvm-notes 11-12), so
-the boot takes minutes; the workload is kept small (apicv.rounds=100)."""
+the boot takes minutes; the workload is kept small (apicv.rounds=30)."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def _tables(out: str) -> list[dict[str, list[int]]]:
 def test_linux_boots_smp2_on_the_model():
     cmd = [sys.executable, "-m", "apicv.cli", "boot", str(LINUX_DIR / "vmlinux"),
            "--initrd", str(LINUX_DIR / "initramfs.cpio"), "--smp", "2", "--irqchip", "model",
-           "--append", "console=ttyS0 reboot=k panic=-1 tsc=reliable apicv.rounds=100",
+           "--append", "console=ttyS0 reboot=k panic=-1 tsc=reliable apicv.rounds=30",
            "--timeout", str(BOOT_TIMEOUT)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60,
                        cwd=ROOT, errors="replace")

@@ -44,7 +44,7 @@ list=$cache/initramfs.list
     # the applet links made here, not by `busybox --install` at boot: on a host where the
     # guest kernel is emulated every system call counts
     for d in /sbin /usr /usr/bin /usr/sbin; do echo "dir $d 0755 0 0"; done
-    for a in $(/bin/busybox --list-full | grep -v -e '^bin/sh$' -e '^linuxrc$'); do
+    for a in $(/bin/busybox --list-full | grep -v -e '^bin/sh$' -e '^bin/busybox$' -e '^linuxrc$'); do
         echo "slink /$a /bin/busybox 0777 0 0"
     done
 } > "$list"

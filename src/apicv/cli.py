@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("boot", help="boot a multiboot kernel on /dev/kvm with the model as its "
                        "interrupt controller (or KVM's, to compare)")
-    b.add_argument("kernel", metavar="KERNEL", help="multiboot (v1) ELF32/ELF64 kernel")
+    b.add_argument("kernel", metavar="KERNEL", help="multiboot (v1) ELF32/ELF64 kernel, or a "
+                   "Linux bzImage or vmlinux (x86 64-bit boot protocol, MP table)")
     b.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     b.add_argument("--memory", type=int, default=128, metavar="MB", help="RAM (default 128)")
     b.add_argument("--x2apic", action=argparse.BooleanOptionalAction, default=True,
@@ -471,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tsc-deadline", action=argparse.BooleanOptionalAction, default=True,
                    help="TSC-deadline timer in CPUID.1:ECX (default on)")
     b.add_argument("--append", default="", metavar="ARGS", help="kernel command line")
-    b.add_argument("--initrd", metavar="FILE", help="multiboot module 0")
+    b.add_argument("--initrd", metavar="FILE", help="multiboot module 0, or Linux's initrd")
     b.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
                    help="make module 0 a kvm-unit-tests environment (KEY=VAL lines; "
                         "repeatable; not with --initrd)")

@@ -6,8 +6,9 @@ fix-ups this host's KVM leaves to a VMM running an unmodified Linux (:mod:`apicv
 How a Linux run ends: ``reboot=k`` (the default command line has it) makes the kernel's
 ``reboot -f`` pulse the i8042 reset line, which ends the run with status 0 ("guest reset");
 with the model as irqchip, every vCPU halted with interrupts off and nothing pending
-(``poweroff -f``, or a panic with ``panic=0``) ends it with status 0 too ("all vCPUs halted");
-a triple fault (``reboot=t``) is status 125, as for any kernel.
+(``poweroff -f``) ends it with status 0 too ("all vCPUs halted"); either is status 125 after
+a "Kernel panic" line on the console (``panic=-1`` resets, ``panic=0`` halts); a triple
+fault (``reboot=t``) is status 125, as for any kernel.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from .hostfix import HostFixups
 from .machine import STATUS_ERROR, BootResult, Machine, VmmVcpu
 
 SERIAL_IRQ = 4
+TRACE_LIMIT = 200_000  # model trace events --trace-out keeps of a Linux boot
 X86_CR0_PE, X86_CR0_ET, X86_CR0_NE, X86_CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
 X86_CR4_PAE = 1 << 5
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 # host difference: XSAVE/XRSTOR in the guest kernel end in KVM_EXIT_INTERNAL_ERROR here, and
 # the guest sees XSAVE whatever KVM_SET_CPUID2 says: Linux is told not to use it
+PANIC = b"Kernel panic - not syncing"
 HOST_APPEND = "noxsave clearcpuid=151,308"
 DEFAULT_APPEND = "console=ttyS0 reboot=k panic=-1"
 
@@ -45,9 +48,14 @@ def machine_class(path: str) -> type[Machine]:
 class LinuxMachine(Machine):
     """A VM booting a Linux kernel (see the module docstring)."""
 
+    def __init__(self, kernel: str, **kw) -> None:
+        kw.setdefault("trace_limit", TRACE_LIMIT)
+        super().__init__(kernel, **kw)
+
     def _load_kernel(self, image: bytes, kernel: str, append: str, rd: bytes | None):
         self.fixups = HostFixups(self)
         self.halted_for_good_since = 0.0
+        self.stopped_trace = None
         cmdline = f"{append or DEFAULT_APPEND} {HOST_APPEND}"
         return linux.load(self.mem, self.ram_size, image, append=cmdline, initrd=rd,
                           nr_cpus=self.smp, cpu_signature=self.cpuid_1_eax)
@@ -82,8 +90,18 @@ class LinuxMachine(Machine):
         v.ioctl(K.KVM_SET_REGS, r)
 
     def _guest_reset(self) -> None:
-        self._finish(BootResult(status=0, reason="reset",
-                                message="the guest reset the machine (i8042 reset line)"))
+        self._end("reset", "the guest reset the machine (i8042 reset line)")
+
+    def _end(self, reason: str, message: str) -> None:
+        """A clean end (status 0), unless the kernel panicked (125, with its line)."""
+        i = self.output.find(PANIC)
+        if i >= 0:
+            end = self.output.find(b"\n", i)
+            line = bytes(self.output[i:end if end > 0 else None]).decode(errors="replace")
+            self._finish(BootResult(status=STATUS_ERROR, reason="panic",
+                                    message=f"{message}, after: {line.strip()}"))
+        else:
+            self._finish(BootResult(status=0, reason=reason, message=message))
 
     def _handle_exit(self, v: VmmVcpu) -> None:
         fx = self.fixups
@@ -107,14 +125,35 @@ class LinuxMachine(Machine):
             if not self.halted_for_good_since:
                 self.halted_for_good_since = now
             elif now - self.halted_for_good_since > 0.5:
-                self._finish(BootResult(status=0, reason="halted",
-                                        message="all vCPUs halted with interrupts off"))
+                self._end("halted", "all vCPUs halted with interrupts off")
         else:
             self.halted_for_good_since = 0.0
         return waiting
 
+    def _after_exit(self, v: VmmVcpu, mv, exited: bool = True) -> None:
+        super()._after_exit(v, mv, exited)
+        tr = self.vm.trace
+        if tr is not None and tr.dropped:
+            self._stop_tracing(tr)
+
+    def _stop_tracing(self, tr) -> None:
+        """--trace-out on Linux: the trace keeps the boot's first TRACE_LIMIT events (the SMP
+        bring-up, the first timer interrupts and IPIs) and then stops, timeline included, so
+        that the file stays bounded; the tracer is put back for writing at the end."""
+        vm = self.vm
+        self.stopped_trace = tr
+        vm.trace = vm.router.trace = None
+        if vm.ioapic is not None:
+            vm.ioapic.trace = vm.pic.trace = None
+        for mv in vm.vcpus:
+            mv.apic.trace = None
+
     def run(self, timeout: float | None = 60.0) -> BootResult:
         res = super().run(timeout)
+        if self.stopped_trace is not None:
+            self.vm.trace = self.stopped_trace
+            res.message += (f"; --trace-out kept the first {self.stopped_trace.limit} events "
+                            "of the boot")
         res.exits.update(self.fixups.counts)
         if res.reason == "error" and self.fixups.last:
             res.message += f" ({self.fixups.last})"
