@@ -11,6 +11,7 @@ from conftest import make_vm, msi
 import apicv
 from apicv import apicdef as A
 from apicv.memory import SCRATCH_GPA
+from apicv.state import LapicState
 from apicv.uapi import MSR_KVM_PV_EOI_EN
 
 VAPIC = SCRATCH_GPA
@@ -233,3 +234,18 @@ def test_pv_eoi_saves_exits():
             cpu.take_interrupts()
         counts.append(sum(cpu.exit_counts.values()) - before)
     assert counts[0] - counts[1] == 20
+
+
+def test_a_refused_kvm_run_does_not_sync_from_the_vapic_word():
+    """kvm_lapic_sync_from_vapic runs in vcpu_enter_guest after a VM exit: a KVM_RUN that never
+    entered the guest (an UNINITIALIZED vCPU) leaves a TPR restored by KVM_SET_LAPIC alone,
+    whatever the VAPIC word says (found by `apicv fuzz --seed 7`, case 324)."""
+    vm = apicv.Vm(2, enable_apicv=False, flexpriority=False)
+    ap = vm.vcpus[1]
+    ap.set_vapic_addr(0x80000)
+    s = LapicState(ap.get_lapic())
+    s["TPR"] = 0x5F
+    ap.set_lapic(bytes(s))
+    with pytest.raises(apicv.VcpuNotRunnable):
+        ap.mmio_read(0x80)
+    assert LapicState(ap.get_lapic())["TPR"] == 0x5F

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import apicdef as A
 from .api import mmio_offset
-from .errors import GuestFault, IoExit, MmioExit
+from .errors import GuestFault, IoExit, KvmError, MmioExit, VcpuNotRunnable
 from .kvm_host import KVM_REQ_EVENT, KVM_REQ_UNBLOCK
 from .lapic import REJECTED, EoiBroadcast, SendIpi
 from .memory import in_ram
@@ -221,6 +221,12 @@ class GuestMixin:
         with self.vm.vcpu_ioctl(self):
             try:
                 self._begin_run()
+            except (VcpuNotRunnable, KvmError):
+                # KVM_RUN refused or returned before any VM entry: there is no exit, so no
+                # kvm_lapic_sync_from_vapic (a VAPIC word must not overwrite a restored TPR)
+                arch.wants_to_run = False
+                raise
+            try:
                 work()
             finally:
                 self._vm_exit(None)  # the agent's OUT
