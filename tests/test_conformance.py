@@ -889,3 +889,17 @@ def test_mmio_takes_register_names_and_refuses_bad_ones(vm_factory):
         with pytest.raises(ValueError):
             cpu.mmio_write(bad[0], 0, bad[1])
     assert cpu.get_lapic() == before
+
+
+def test_a_guest_gp_stays_in_the_exception_state(vm_factory):
+    """kvm_emulate_wrmsr -> kvm_inject_gp -> kvm_queue_exception_e(GP_VECTOR, 0): once the #GP
+    is delivered, KVM_GET_VCPU_EVENTS still reports its vector and error code (neither pending
+    nor injected) -- found by the fuzzer's vCPU-events steps."""
+    vm = vm_factory(1)
+    cpu = vm.vcpus[0]
+    cpu.mmio_write("SPIV", 0x1FF)
+    with pytest.raises(apicv.GuestFault):
+        cpu.wrmsr(0x808, 0)  # x2APIC TPR in xAPIC mode
+    ev = cpu.get_vcpu_events()
+    assert (ev.exception_nr, ev.exception_has_error_code, ev.exception_error_code,
+            ev.exception_injected, ev.exception_pending) == (13, 1, 0, 0, 0)

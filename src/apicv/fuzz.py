@@ -151,6 +151,8 @@ def build(d: RandomDraw, max_steps: int) -> dict[str, Any]:
             # the rest of the irqchip: IOAPIC, PIC, VAPIC, PV EOI
             "irq", "irq", "irq", "rte", "rte", "ioapic_read", "pic", "irqchip",
             "vapic", "pv_eoi",
+            # what VMMs configure: GSI routing and irqfds, vCPU events, the PIT's ports
+            "route", "irqfd", "irqfd", "events", "pit",
         ])
         c = d.pick(ids)
         if kind == "msi":
@@ -350,6 +352,38 @@ def build(d: RandomDraw, max_steps: int) -> dict[str, Any]:
             value = {"enable": flag | 1, "off": 0,
                      "bad": d.pick([flag | 3, 0xFEE00001, flag + 2])}[which]
             return {"do": "wrmsr", "vcpu": c, "index": "KVM_PV_EOI_EN", "value": value}
+        if kind == "route":
+            # the default routing plus MSI-X-like routes on GSIs 24-25 (edge or level)
+            routes = [{"gsi": g, "address_lo": 0xFEE00000 | pick_dest(d) << 12
+                       | d.pick([0, 0, 4]), "data": vec(d) | d.pick([0, 0, 0x8000])}
+                      for g in (24, 25)[:d.int(1, 2)]]
+            return {"do": "set_gsi_routing", "default": True, "routes": routes}
+        if kind == "irqfd":
+            gsi = d.pick([24, 24, 25, 17, 5])
+            if d.bool():
+                return {"do": "eventfd_write", "eventfd": f"e{gsi}"}
+            return {"do": "irqfd", "eventfd": f"e{gsi}", "gsi": gsi,
+                    "deassign": d.pick([False, False, True])}
+        if kind == "events":
+            if d.bool():
+                return {"do": "get_vcpu_events", "vcpu": c}
+            return {"do": "set_vcpu_events", "vcpu": c,
+                    "patch": {"flags": d.pick([1, 1, 0, 2]), "nmi_pending": d.int(0, 3),
+                              "nmi_masked": d.int(0, 1)}}
+        if kind == "pit":
+            which = d.pick(["create", "mode", "count", "speaker", "read", "get"])
+            if which == "create":
+                return {"do": "create_pit2", "flags": d.pick([0, 1])}
+            if which == "mode":  # channel 2 (the speaker's: no IRQ), any mode and access
+                return {"do": "outb", "vcpu": c, "port": 0x43,
+                        "value": 0x80 | d.pick([0x10, 0x20, 0x30]) | d.int(0, 5) << 1}
+            if which == "count":
+                return {"do": "outb", "vcpu": c, "port": 0x42, "value": d.int(0, 0xFF)}
+            if which == "speaker":
+                return {"do": "outb", "vcpu": c, "port": 0x61, "value": d.pick([0, 1, 3])}
+            if which == "read":
+                return {"do": "inb", "vcpu": c, "port": d.pick([0x42, 0x61])}
+            return {"do": "get_pit2"}
         raise AssertionError(kind)
 
     # start like a guest would: APs runnable, every APIC software-enabled

@@ -626,10 +626,15 @@ class GuestMixin:
     def _gp_if(self, result, failed):
         """kvm_emulate_rdmsr/wrmsr: a failed access is kvm_inject_gp() -> kvm_queue_exception,
         which raises KVM_REQ_EVENT, so the re-entry runs kvm_check_and_inject_events (and its
-        kvm_cpu_has_injectable_intr refreshes PPR). The #GP itself is the agent's to record.
+        kvm_cpu_has_injectable_intr refreshes PPR). The #GP is delivered to the agent.
         (A TD's failed TDVMCALL is an error code for the TD, not an injection by KVM.)"""
         if (result is None if failed is None else not result) and not self.td:
             self.arch.requests |= KVM_REQ_EVENT
+            # kvm_queue_exception_e(GP_VECTOR, 0), injected at the re-entry and delivered:
+            # vcpu->arch.exception keeps the vector and error code (KVM_GET_VCPU_EVENTS)
+            ex = self.exception
+            ex.pending = ex.injected = ex.has_payload = False
+            ex.vector, ex.has_error_code, ex.error_code, ex.payload = 13, True, 0, 0
         return result
 
     def _cr8(self, value: int | None) -> int:
