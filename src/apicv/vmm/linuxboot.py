@@ -24,7 +24,7 @@ from .hostfix import HostFixups
 from .machine import STATUS_ERROR, BootResult, Machine, VmmVcpu
 
 SERIAL_IRQ = 4
-TRACE_LIMIT = 200_000  # model trace events --trace-out keeps of a Linux boot
+TRACE_LIMIT = 100_000  # model trace events --trace-out keeps of a Linux boot
 X86_CR0_PE, X86_CR0_ET, X86_CR0_NE, X86_CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
 X86_CR4_PAE = 1 << 5
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
