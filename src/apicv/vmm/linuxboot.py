@@ -31,7 +31,7 @@ EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 # host difference: XSAVE/XRSTOR in the guest kernel end in KVM_EXIT_INTERNAL_ERROR here, and
 # the guest sees XSAVE whatever KVM_SET_CPUID2 says: Linux is told not to use it
 PANIC = b"Kernel panic - not syncing"
-HOST_APPEND = "noxsave clearcpuid=151,308"
+HOST_APPEND = "noxsave clearcpuid=151,308,141"
 DEFAULT_APPEND = "console=ttyS0 reboot=k panic=-1"
 
 
