@@ -42,5 +42,10 @@ LINUX_DIR ?= /var/cache/apicv/linux
 linux:
 	sh guests/linux/build.sh $(LINUX_DIR)
 
+# Debian's generic kernel, the second Linux target (README: its command line)
+.PHONY: linux-debian
+linux-debian:
+	sh guests/linux/debian.sh /var/cache/apicv/debian
+
 clean:
 	rm -rf $(VENV) build out src/*.egg-info .pytest_cache .ruff_cache .hypothesis
