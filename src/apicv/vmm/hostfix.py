@@ -1,6 +1,20 @@
 """What this host's KVM leaves to the VMM when it runs an unmodified Linux guest (host-kvm-notes
-items 11-12): instructions it cannot emulate end in KVM_EXIT_INTERNAL_ERROR. None of it is
-interrupt-related; each fix-up is a host difference, counted by kind in the run's exits.
+items 11-12; README "Booting Linux", L1-L5). The guest kernel runs in KVM's instruction
+emulator here (tracefs shows ``kvm_emulate_insn`` for its ordinary instructions), so what the
+emulator does not know ends in KVM_EXIT_INTERNAL_ERROR (suberror 1, the instruction bytes in
+the exit's data):
+
+* L1/L2, XSAVE/XRSTOR, POPCNT, CLAC, CMPXCHG16B: avoided with the kernel's own switches
+  (``noxsave clearcpuid=...``, :data:`apicv.vmm.linuxboot.HOST_APPEND`);
+* L3, ``int3`` (the alternatives self-test, text patching): the #BP is delivered;
+* L4, ``fwait``: completed;
+* L5, SYSCALL from user mode stays at CPL 3 and faults at LSTAR: an int3 the VMM puts on the
+  ``cld`` of the guest's #PF handler makes every guest #PF visible (that int3 is an internal
+  error too), and the faults at LSTAR become the SYSCALL they should have been.
+
+None of it is interrupt-related; each fix-up is counted by kind in the run's exits
+(``apicv boot --stats``). An internal error none of these explains ends the run (status 125,
+with the instruction bytes in the message).
 """
 
 from __future__ import annotations
@@ -29,9 +43,7 @@ class HostFixups:
         self.counts: Counter = Counter()
         self.last = ""
         self.pf_hook: tuple[int, int] | None = None  # (linear, physical) of the int3 we put
-        self.lstar = 0
         self.exits_unhooked = 0
-        self.fmask = 0
 
     def handle(self, v) -> bool:
         """Handle *v*'s KVM_EXIT_INTERNAL_ERROR; False if it is none we know (a failure)."""
@@ -127,8 +139,6 @@ class HostFixups:
             return False
         self.machine.mem[gpa] = INT3[0]
         self.pf_hook = (handler + off, gpa)
-        self.lstar = self.machine.vcpus[0].get_msr(MSR_LSTAR)
-        self.fmask = self.machine.vcpus[0].get_msr(MSR_SYSCALL_MASK)
         return True
 
     def page_fault_entry(self, v, r, s) -> None:
@@ -140,14 +150,14 @@ class HostFixups:
         frame = self.read_linear(v, s.ss.base + r.rsp, 48)
         if len(frame) == 48:
             _err, rip, cs, rflags, rsp, _ss = struct.unpack("<6Q", frame)
-            if rip == self.lstar and cs & 3 == 3:
+            if cs & 3 == 3 and rip == v.get_msr(MSR_LSTAR):  # read now: set per CPU
                 star = v.get_msr(MSR_STAR)
                 kcs = (star >> 32) & 0xFFFC
                 flat_segment(s.cs, kcs, type_=0xB, db=0, long=1)
                 flat_segment(s.ss, kcs + 8, type_=0x3, db=1, long=0)
                 v.ioctl(K.KVM_SET_SREGS, s)
                 r.rip, r.rsp = rip, rsp
-                r.rflags = (rflags & ~self.fmask) | 2
+                r.rflags = (rflags & ~v.get_msr(MSR_SYSCALL_MASK)) | 2
                 v.ioctl(K.KVM_SET_REGS, r)
                 self.counts["fixup: user SYSCALL completed"] += 1
                 return
