@@ -2,7 +2,8 @@
 16550, the port bus) without KVM, and -- when `make linux` has built the minimal kernel and its
 busybox initramfs (in $APICV_LINUX_DIR, default /var/cache/apicv/linux) -- a 2-vCPU boot to
 init with the model as the whole interrupt controller. That boot is skipped, with the
-reason, where the kernel was not built: `make test` never builds a kernel itself.
+reason, where the kernel was not built (`make test` builds it first where it can: root with
+apt; a failed build only skips this test).
 
 On this host the guest kernel runs in KVM's instruction emulator (host-kvm-notes 11-12), so
 the boot takes minutes; the workload is kept small (apicv.rounds=30)."""
