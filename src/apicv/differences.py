@@ -137,8 +137,12 @@ APICV_DIFFERENCES = {
     "V7": "xAPIC reads APIC-register virtualization serves from the page (EOI at 0xB0 reads "
           "0) that KVM's emulation rejects (H3: undefined data). Not a stop: the value is not "
           "compared",
-    "V8": "the VAPIC word's IRR byte (kvm_lapic_sync_to_vapic) is written before the entry "
-          "moves posted vectors from PIR to IRR: with APICv it can lag the software LAPIC's",
+    "V8": "the VAPIC word (kvm_lapic_sync_to_vapic) is written only at entries that handle "
+          "KVM_REQ_EVENT, and before the entry moves posted vectors from PIR to IRR: with APICv "
+          "it can lag the software LAPIC's (and the TPR read back from it differs)",
+    "V10": "KVM_GET_VCPU_EVENTS' interrupt.nr is the last vector KVM injected; under "
+           "virtual-interrupt delivery the processor delivers and interrupt.nr does not move. "
+           "Not a stop: with the model's APICv that field is not compared",
     "V9": "KVM_SET_LAPIC restoring an expired one-shot (TMCCT 0) fires it inside the ioctl "
           "(start_sw_period); with APICv apic_timer_expired injects it at once -- into IRR, "
           "or dropped if LVTT is masked -- without APICv it waits in lapic_timer.pending for "

@@ -228,6 +228,11 @@ class GuestMixin:
                 raise
             try:
                 work()
+            except GuestFault:
+                # the agent's exception handler records the fault and returns with IRET, which
+                # ends NMI blocking (SDM 6.7.1) like any IRET
+                self.nmi_masked = False
+                raise
             finally:
                 self._vm_exit(None)  # the agent's OUT
                 arch.wants_to_run = False
