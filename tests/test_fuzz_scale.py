@@ -116,7 +116,8 @@ def test_a_reset_vm_gives_what_a_new_one_gives():
             doc, _ = case(2031, i, 16)
             sc = parse_doc(doc, f"<case {i}>")
             assert trail(sc, pool) == trail(sc, None), f"case {i}"
-        assert pool.reused > 100
+        # cases that create a PIT, change the routing or attach irqfds get a fresh VM
+        assert pool.reused > 40
 
 
 @needs_kvm
