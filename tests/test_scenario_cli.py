@@ -56,9 +56,10 @@ def test_bad_scenarios_name_file_step_field(text, step, field, msg):
 
 
 def test_set_lapic_from_unknown_name_is_a_scenario_error():
-    sc = parse("[[step]]\ndo = 'set_lapic'\nvcpu = 0\nfrom = 'nothing'\n", "x.toml")
-    with pytest.raises(ScenarioError, match="no state saved"):
-        list(Runner(sc, sc.make_vm()).run())
+    """Found when the file is checked, before any step runs (issue 12)."""
+    with pytest.raises(ScenarioError, match="no state saved") as e:
+        parse("[[step]]\ndo = 'set_lapic'\nvcpu = 0\nfrom = 'nothing'\n", "x.toml")
+    assert (e.value.step, e.value.field) == (1, "from")
 
 
 def test_expectation_failure_reported():

@@ -243,7 +243,7 @@ def _run_scenario(sc, out: Out, backend: str, trace: bool, trace_out: str | None
         runner = Runner(sc, vm)
         failures = 0
         skipped = None
-        steps = None if quiet else StepTable(out, f"{sc.file} ({backend})", len(sc.steps))
+        steps = None if quiet else StepTable(out, f"{sc.file} ({backend})", sc.nsteps)
         from .crosscheck import HostDifferenceNamer
 
         namer = HostDifferenceNamer() if backend == "kvm" else None
@@ -274,10 +274,10 @@ def _run_scenario(sc, out: Out, backend: str, trace: bool, trace_out: str | None
             out.print(f"{failures} step(s) failed", style="bold red")
             return 1
         if skipped is not None:
-            out.print(f"{skipped.step.index - 1} of {len(sc.steps)} steps run, all as expected; "
+            out.print(f"{skipped.step.index - 1} of {sc.nsteps} steps run, all as expected; "
                       f"stopped at step {skipped.step.index}: {skipped.skipped}", style="yellow")
             return 0
-        out.print(f"{len(sc.steps)} steps, all as expected", style="green")
+        out.print(f"{sc.nsteps} steps, all as expected", style="green")
         return 0
     finally:
         vm.close()
@@ -323,13 +323,15 @@ def cmd_demo(args, out: Out) -> int:
 
 
 def cmd_run(args, out: Out) -> int:
-    from .scenario import load
+    from .scenario import stream
 
     if args.trace_out:
         check_writable(args.trace_out, "--trace-out")
+    # every file is checked before a step runs; a big one is read again a step at a time as
+    # it runs, so that memory does not grow with the steps (scenario.stream)
+    scs = [stream(path) for path in args.files]
     status = 0
-    for path in args.files:
-        sc = load(path)
+    for sc in scs:
         status |= _run_scenario(sc, out, args.backend, trace=args.trace, trace_out=args.trace_out)
     return status
 
