@@ -377,6 +377,16 @@ def positive_int(text: str) -> int:
     return n
 
 
+def positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return x
+
+
 BACKEND_HELP = ("model: the apicv model (default); kvm: the real KVM through /dev/kvm, "
                 "running a small guest agent")
 
@@ -422,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "shrunk and written out as a scenario file")
     f.add_argument("--seed", type=int, default=0,
                    help="random seed: the same seed gives the same scenarios (default 0)")
-    f.add_argument("--count", type=positive_int, default=200,
-                   help="scenarios to try (default 200)")
+    f.add_argument("--count", type=positive_int, default=None,
+                   help="scenarios to try (default 200; with --duration: until the time is up)")
     f.add_argument("--steps", type=positive_int, default=20,
                    help="at most this many steps each (default 20)")
     f.add_argument("--out", default="fuzz-disagreement.toml",
@@ -432,6 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the model with APICv on (the host has none)")
     f.add_argument("--trace", action="store_true",
                    help="also compare the host's KVM trace with the model's (tracefs, root)")
+    f.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes, each with its own VMs (default: the cores available)")
+    f.add_argument("--duration", type=positive_float, default=None, metavar="SECONDS",
+                   help="stop starting cases after this long")
+    f.add_argument("--campaign", metavar="DIR", default=None,
+                   help="keep the campaign in DIR (cases done, counts, corpus of reproducers, "
+                   "summary)")
+    f.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the campaign kept in DIR (its seed and options)")
+    f.add_argument("--cluster", metavar="ADDRESS", default=None,
+                   help="spread the cases over the nodes of this Ray cluster that have "
+                   "/dev/kvm (needs apicv[cluster])")
     f.set_defaults(func=cmd_fuzz)
     t = sub.add_parser("trace", help="the host's KVM trace of a scenario, the model's, a diff")
     ts = t.add_subparsers(dest="trace_cmd", required=True, parser_class=_Parser)
@@ -587,10 +609,16 @@ def cmd_fuzz(args, out: Out) -> int:
 
     if args.out:
         check_writable(args.out, "--out")
-    _need_kvm()
+    if args.cluster is not None:
+        from .cluster import check_ray
+
+        check_ray()
+    else:
+        _need_kvm()
     return fuzz(seed=args.seed, count=args.count, max_steps=args.steps, out_path=args.out,
                 out=out, quiet=out.console is None, model_apicv=args.model_apicv,
-                trace=args.trace)
+                trace=args.trace, workers=args.workers, duration=args.duration,
+                campaign_dir=args.campaign, resume=args.resume, cluster=args.cluster)
 
 
 def cmd_trace(args, out: Out) -> int:
