@@ -20,7 +20,8 @@ from hypothesis import strategies as hs
 
 from apicv import ScenarioError
 from apicv.fuzz import case, to_toml
-from apicv.scenario import Runner, _fast_table, _pieces, load, parse, stream
+from apicv.scenario import Runner, load, parse
+from apicv.scenario_stream import _fast_table, _pieces, stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.toml")))

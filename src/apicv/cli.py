@@ -323,7 +323,7 @@ def cmd_demo(args, out: Out) -> int:
 
 
 def cmd_run(args, out: Out) -> int:
-    from .scenario import stream
+    from .scenario_stream import stream
 
     if args.trace_out:
         check_writable(args.trace_out, "--trace-out")
