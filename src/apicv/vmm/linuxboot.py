@@ -13,6 +13,8 @@ fault (``reboot=t``) is status 125, as for any kernel.
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 
 from ..kvm import uapi as K
@@ -36,8 +38,12 @@ DEFAULT_APPEND = "console=ttyS0 reboot=k panic=-1"
 
 
 def machine_class(path: str) -> type[Machine]:
-    """:class:`LinuxMachine` for a bzImage or a vmlinux, :class:`Machine` otherwise."""
+    """:class:`LinuxMachine` for a bzImage or a vmlinux, :class:`Machine` otherwise (which
+    also says why a path that is no regular file cannot be booted -- never opened here, so a
+    FIFO does not block)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return Machine
         with open(path, "rb") as f:
             head = f.read(16384)
     except OSError:
