@@ -353,18 +353,24 @@ class GuestMixin:
             return  # NMI blocking ends at IRET
         vector = ev[1]
         self.taken.append(vector)
+        if_after, eoi = self._window_count()
+        self.rflags_if = False  # inside the handler (interrupt gate)
+        if eoi:
+            self._guest_eoi()
+        self.rflags_if = if_after  # IRET
+        self.nmi_masked = False  # IRET unblocks NMIs, from any handler (SDM 6.7.1)
+
+    def _window_count(self) -> tuple[bool, bool]:
+        """A handler runs in an interrupt window: count it; (IF after its IRET, whether it
+        EOIs). The agent keeps IF=0 once it has taken the window's `limit` vectors."""
         win = self._window
         if_after = self.rflags_if
         eoi = True if win is None else win[2]
         if win is not None:
             win[0] += 1
             if win[1] is not None and win[0] >= win[1]:
-                if_after = False  # the agent keeps IF=0 once it has taken `limit` vectors
-        self.rflags_if = False  # inside the handler (interrupt gate)
-        if eoi:
-            self._guest_eoi()
-        self.rflags_if = if_after  # IRET
-        self.nmi_masked = False  # IRET unblocks NMIs, from any handler (SDM 6.7.1)
+                if_after = False
+        return if_after, eoi
 
     def _guest_eoi(self) -> None:
         """The handler's EOI: with PV EOI enabled, Linux's kvm_guest_apic_eoi_write() first
@@ -600,24 +606,7 @@ class GuestMixin:
     def _guest_wrmsr(self, index: int, value: int) -> None:
         vmx = self.vmx
         if A.APIC_BASE_MSR <= index <= A.APIC_BASE_MSR + 0xFF and vmx.msr_write_passes(index):
-            # special processing: reserved-bit checks, then an 8-byte store to the page
-            if index == 0x80B:
-                if value:
-                    raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x} (EOI must be 0)")
-            elif value >> 8:
-                raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x} (bits 63:8 reserved)")
-            off = (index & 0xFF) << 4
-            page = vmx.apic.r  # the virtual-APIC page (a TD's own page in a TD)
-            page[off >> 2] = value & 0xFFFFFFFF
-            page[(off >> 2) + 1] = 0
-            if index == 0x808:
-                self._tpr_virtualized()
-            elif index == 0x80B:
-                self._eoi_virtualized()
-            elif value & 0xF0:
-                vmx.self_ipi_virtualization(value & 0xFF)
-                self._settle()
-            else:
+            if not self._x2apic_virtualized_write(index, value):
                 self._reenter_after(
                     lambda: self.route(self.apic.kvm_apic_write_nodecode(A.APIC_SELF_IPI)),
                     "APIC_WRITE")
@@ -627,6 +616,32 @@ class GuestMixin:
             "TDCALL" if self.td else "MSR_WRITE")
         if not ok:
             raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x}")
+
+    def _x2apic_virtualized_write(self, index: int, value: int) -> bool:
+        """A WRMSR that virtualize-x2APIC-mode handles (SDM 29.5): the reserved-bit checks
+        (#GP), an 8-byte store to the virtual-APIC page (a TD's own page in a TD), then TPR,
+        EOI or self-IPI virtualization. False for a self-IPI of a vector below 16: that one is
+        a trap-like APIC-write VM exit, the caller's to take."""
+        if index == 0x80B:
+            if value:
+                raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x} (EOI must be 0)")
+        elif value >> 8:
+            raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x} (bits 63:8 reserved)")
+        vmx = self.vmx
+        off = (index & 0xFF) << 4
+        page = vmx.apic.r
+        page[off >> 2] = value & 0xFFFFFFFF
+        page[(off >> 2) + 1] = 0
+        if index == 0x808:
+            self._tpr_virtualized()
+        elif index == 0x80B:
+            self._eoi_virtualized()
+        elif value & 0xF0:
+            vmx.self_ipi_virtualization(value & 0xFF)
+            self._settle()
+        else:
+            return False
+        return True
 
     def _gp_if(self, result, failed):
         """kvm_emulate_rdmsr/wrmsr: a failed access is kvm_inject_gp() -> kvm_queue_exception,

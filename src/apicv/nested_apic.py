@@ -135,22 +135,8 @@ class NestedApicAccessMixin:
             raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x}")
 
     def _l2_x2apic_write(self, index: int, value: int) -> None:
-        if index == 0x80B and value:
-            raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x} (EOI must be 0)")
-        if index != 0x80B and value >> 8:
-            raise GuestFault(13, f"WRMSR {index:#x} <- {value:#x} (bits 63:8 reserved)")
-        page = self.vmx.apic.r
-        off = (index & 0xFF) << 4
-        page[off >> 2] = value & 0xFFFFFFFF
-        page[(off >> 2) + 1] = 0
-        if index == 0x808:
-            self._tpr_virtualized()
-        elif index == 0x80B:
-            self._eoi_virtualized()
-        elif value & 0xF0:
-            self.vmx.self_ipi_virtualization(value & 0xFF)
-            self._settle()
-        else:
+        """SDM 29.5 on vmcs12's virtual-APIC page; the APIC-write exit goes to L1."""
+        if not self._x2apic_virtualized_write(index, value):
             self._l2_exit_to_l1("APIC_WRITE", A.APIC_SELF_IPI)
 
     def _guest_rdmsr(self, index: int) -> int:

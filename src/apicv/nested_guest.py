@@ -470,11 +470,7 @@ class NestedVcpu(NestedApicAccessMixin, Vcpu):
             if v12.exit_on_nmi or n.nested_run_pending:
                 self.req_immediate_exit = True
             elif can_inject and not self.nmi_masked and not shadow:
-                self.nmi_pending -= 1
-                self.nmi_injected = True
-                tr = self.vm.trace
-                if tr is not None:
-                    tr.kvm_inj_nmi()
+                self.inject_nmi()
                 can_inject = False
                 injected = NMI_VECTOR
             if self.nmi_pending and not v12.exit_on_nmi:
@@ -646,13 +642,7 @@ class NestedVcpu(NestedApicAccessMixin, Vcpu):
             return
         vector = ev[1]
         n.l2_taken.append(vector)
-        win = self._window
-        if_after = self.rflags_if
-        eoi = True if win is None else win[2]
-        if win is not None:
-            win[0] += 1
-            if win[1] is not None and win[0] >= win[1]:
-                if_after = False
+        if_after, eoi = self._window_count()
         self.rflags_if = False
         if eoi:
             self._guest_eoi()

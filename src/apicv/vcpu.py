@@ -532,6 +532,15 @@ class Vcpu(VcpuEventsMixin, VcpuStateMixin, GuestMixin):
         self.interrupt_shadow = 0  # the guest's first instruction after entry ends it
         return injected
 
+    def inject_nmi(self) -> None:
+        """kvm_check_and_inject_events() injecting one pending NMI (kvm_x86_ops.inject_nmi):
+        it leaves nmi_pending for the NMI being injected."""
+        self.nmi_pending -= 1
+        self.nmi_injected = True
+        tr = self.vm.trace
+        if tr is not None:
+            tr.kvm_inj_nmi()
+
     def kvm_check_and_inject_events(self):
         """Inject at most one event: 'smi', NMI_VECTOR (2) for an NMI, an IRQ vector, or None.
         Requests an NMI/IRQ window when more is pending than could be injected."""
@@ -554,11 +563,7 @@ class Vcpu(VcpuEventsMixin, VcpuStateMixin, GuestMixin):
             injected = "smi"
         if self.nmi_pending:
             if can_inject and not self.nmi_masked and not shadow:
-                self.nmi_pending -= 1
-                self.nmi_injected = True
-                tr = self.vm.trace
-                if tr is not None:
-                    tr.kvm_inj_nmi()
+                self.inject_nmi()
                 can_inject = False
                 injected = NMI_VECTOR
                 if self.td:
