@@ -19,6 +19,7 @@ with the instruction bytes in the message).
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections import Counter
 
@@ -33,6 +34,22 @@ X86_EFLAGS_DF = 1 << 10
 PF_ENTRY_PREFIXES = (b"\xf3\x0f\x1e\xfa", b"\x0f\x01\xca", b"\x0f\x1f\x00", b"\x90\x90\x90",
                      b"\x66\x90\x90", b"\x90\x66\x90")
 BP_VECTOR, PF_VECTOR = 3, 14
+GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+class KvmFpu(ctypes.Structure):
+    """struct kvm_fpu (KVM_GET_FPU / KVM_SET_FPU)."""
+
+    _fields_ = [("fpr", ctypes.c_uint8 * 128), ("fcw", ctypes.c_uint16),
+                ("fsw", ctypes.c_uint16), ("ftwx", ctypes.c_uint8), ("pad1", ctypes.c_uint8),
+                ("last_opcode", ctypes.c_uint16), ("last_ip", ctypes.c_uint64),
+                ("last_dp", ctypes.c_uint64), ("xmm", ctypes.c_uint8 * 256),
+                ("mxcsr", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+
+
+KVM_GET_FPU = (2 << 30) | (ctypes.sizeof(KvmFpu) << 16) | (0xAE << 8) | 0x8C
+KVM_SET_FPU = (1 << 30) | (ctypes.sizeof(KvmFpu) << 16) | (0xAE << 8) | 0x8D
 
 
 class HostFixups:
@@ -65,6 +82,8 @@ class HostFixups:
             self.set_rip(v, r, r.rip + 1)
             self.inject_exception(v, BP_VECTOR)
             self.counts["fixup: int3 -> #BP"] += 1
+            return True
+        if self.mxcsr_access(v, r, s, insn):
             return True
         if insn[:1] == FWAIT:
             # nothing unmasked is pending in the x87 state Linux keeps: complete it
@@ -165,3 +184,65 @@ class HostFixups:
         r.rip += 1
         v.ioctl(K.KVM_SET_REGS, r)
         self.counts["fixup: #PF seen"] += 1
+
+    # -- L6: LDMXCSR / STMXCSR (0F AE /2, /3) in the kernel (kernel_fpu_begin) --
+    def mxcsr_access(self, v, r, s, insn: bytes) -> bool:
+        """Emulate LDMXCSR/STMXCSR with a memory operand through KVM_GET/SET_FPU."""
+        i, rex, seg_base = 0, 0, 0
+        while i < len(insn) and insn[i] in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0xF2,
+                                            0xF3):
+            if insn[i] == 0x64:
+                seg_base = s.fs.base
+            elif insn[i] == 0x65:
+                seg_base = s.gs.base
+            i += 1
+        if i < len(insn) and 0x40 <= insn[i] <= 0x4F:
+            rex = insn[i]
+            i += 1
+        if insn[i:i + 2] != b"\x0f\xae" or len(insn) < i + 3:
+            return False
+        modrm = insn[i + 2]
+        mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+        if mod == 3 or reg not in (2, 3):
+            return False
+        i += 3
+        regs = [getattr(r, n) for n in GPR_ORDER]
+        if rm == 4:
+            sib = insn[i]
+            i += 1
+            scale, index, base = sib >> 6, ((sib >> 3) & 7) | (rex & 2) << 2, sib & 7
+            addr = 0 if index == 4 else regs[index] << scale
+            if base == 5 and mod == 0:
+                addr += struct.unpack_from("<i", insn, i)[0]
+                i += 4
+            else:
+                addr += regs[base | (rex & 1) << 3]
+        elif rm == 5 and mod == 0:
+            addr = None  # RIP-relative: the displacement counts from the next instruction
+        else:
+            addr = regs[rm | (rex & 1) << 3]
+        if mod == 1:
+            disp = struct.unpack_from("<b", insn, i)[0]
+            i += 1
+        elif mod == 2 or (mod == 0 and rm == 5):
+            disp = struct.unpack_from("<i", insn, i)[0]
+            i += 4
+        else:
+            disp = 0
+        if addr is None:
+            addr = r.rip + i
+        linear = (seg_base + addr + disp) & ((1 << 64) - 1)
+        gpa = self.translate(v, linear)
+        if gpa is None or gpa + 4 > self.machine.ram_size or (gpa & 0xFFF) > 0xFFC:
+            return False
+        fpu = KvmFpu()
+        v.ioctl(KVM_GET_FPU, fpu)
+        mem = self.machine.mem
+        if reg == 2:
+            fpu.mxcsr = struct.unpack_from("<I", mem, gpa)[0]
+            v.ioctl(KVM_SET_FPU, fpu)
+        else:
+            struct.pack_into("<I", mem, gpa, fpu.mxcsr)
+        self.set_rip(v, r, r.rip + i)
+        self.counts[f"fixup: {'ldmxcsr' if reg == 2 else 'stmxcsr'} emulated"] += 1
+        return True
