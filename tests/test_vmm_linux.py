@@ -192,3 +192,12 @@ def test_linux_boots_smp2_on_the_model():
     assert after["SPU"] == [0, 0] and after["ERR"] == [0]
     # the console works by interrupts: IRQ 4 through the model's IOAPIC
     assert sum(after["ttyS0"]) > sum(before["ttyS0"]) > 0
+
+
+def test_host_cmdline_merges_clearcpuid():
+    from apicv.vmm.linuxboot import HOST_APPEND, host_cmdline
+
+    assert host_cmdline("console=ttyS0") == f"console=ttyS0 {HOST_APPEND}"
+    out = host_cmdline("console=ttyS0 clearcpuid=129,151 quiet").split()
+    assert [w for w in out if w.startswith("clearcpuid=")] == ["clearcpuid=129,151,308,141"]
+    assert "quiet" in out and "noxsave" in out

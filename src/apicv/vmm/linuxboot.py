@@ -37,6 +37,17 @@ HOST_APPEND = "noxsave clearcpuid=151,308,141"
 DEFAULT_APPEND = "console=ttyS0 reboot=k panic=-1"
 
 
+def host_cmdline(append: str) -> str:
+    """*append* with HOST_APPEND: its ``clearcpuid=`` lists merged into one (Linux takes the
+    last ``clearcpuid=`` only)."""
+    words = append.split()
+    host = HOST_APPEND.split()
+    bits = [w.split("=", 1)[1] for w in words + host if w.startswith("clearcpuid=")]
+    rest = [w for w in words + host if not w.startswith("clearcpuid=")]
+    merged = ",".join(dict.fromkeys(b for lst in bits for b in lst.split(",") if b))
+    return " ".join(rest + ([f"clearcpuid={merged}"] if merged else []))
+
+
 def machine_class(path: str) -> type[Machine]:
     """:class:`LinuxMachine` for a bzImage or a vmlinux, :class:`Machine` otherwise (which
     also says why a path that is no regular file cannot be booted -- never opened here, so a
@@ -62,7 +73,7 @@ class LinuxMachine(Machine):
         self.fixups = HostFixups(self)
         self.halted_for_good_since = 0.0
         self.stopped_trace = None
-        cmdline = f"{append or DEFAULT_APPEND} {HOST_APPEND}"
+        cmdline = host_cmdline(append or DEFAULT_APPEND)
         return linux.load(self.mem, self.ram_size, image, append=cmdline, initrd=rd,
                           nr_cpus=self.smp, cpu_signature=self.cpuid_1_eax)
 
