@@ -359,7 +359,10 @@ def build(d: RandomDraw, max_steps: int) -> dict[str, Any]:
                       for g in (24, 25)[:d.int(1, 2)]]
             return {"do": "set_gsi_routing", "default": True, "routes": routes}
         if kind == "irqfd":
-            gsi = d.pick([24, 24, 25, 17, 5])
+            # MSI routes only: KVM injects those from the eventfd's wakeup itself; an
+            # irqchip route's injection runs later in a kernel worker (irqfd_inject), too late
+            # to compare deterministically on a loaded host
+            gsi = d.pick([24, 24, 25])
             if d.bool():
                 return {"do": "eventfd_write", "eventfd": f"e{gsi}"}
             return {"do": "irqfd", "eventfd": f"e{gsi}", "gsi": gsi,
